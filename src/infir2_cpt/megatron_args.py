@@ -1,0 +1,211 @@
+"""Recipe -> Megatron argument list.
+
+The list is grouped the way the seed scripts group it (data, parallel, model, training, precision,
+checkpoint, logging) so `--dry-run` reads like them. Deliberate differences from the seed are listed,
+with reasons, in docs/recipes.md; tests/test_golden_seed.py holds us to that list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import ExperimentPaths
+from .recipes import Recipe
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What the launch loads and how the schedule is set, decided by the checkpoint logic before exec."""
+
+    load_dir: Path
+    ckpt_step: int | None = None
+    pretrained: Path | None = None
+    expect_checkpoint: bool = False
+    override_scheduler: bool = False
+    train_iters: int | None = None  # decay runs: the loaded iteration + decay iterations
+    warmup_iters: int | None = None
+
+
+ArgGroup = tuple[str, list[str]]
+
+
+def _flag(enabled: bool, name: str) -> list[str]:
+    return [name] if enabled else []
+
+
+def _num(value: float) -> str:
+    """Integers stay integers; floats in Python's shortest round-trip form (1e-05, 0.0001)."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def data_args(recipe: Recipe, paths: ExperimentPaths) -> list[str]:
+    data, tok = recipe.data, recipe.tokenizer
+    args: list[str] = []
+    if data.mock:
+        args += ["--mock-data"]
+    elif len(data.blend) == 1:
+        args += ["--data-path", data.blend[0].path]
+    elif data.blend:
+        args += ["--data-path"] + [item for e in data.blend for item in (_num(e.weight), e.path)]
+    args += ["--data-cache-path", str(Path(data.cache_dir) if data.cache_dir else paths.data_cache)]
+    args += ["--tokenizer-type", tok.type]
+    if tok.model:
+        args += ["--tokenizer-model", tok.model]
+    args += ["--split", data.split, "--num-workers", str(data.num_workers),
+             "--no-create-attention-mask-in-dataloader"]
+    return args
+
+
+def parallel_args(recipe: Recipe) -> list[str]:
+    par = recipe.parallel
+    args = [
+        "--distributed-timeout-minutes", str(par.distributed_timeout_minutes),
+        "--micro-batch-size", str(par.micro_batch_size),
+        "--global-batch-size", str(par.global_batch_size),
+        "--tensor-model-parallel-size", str(par.tensor_parallel),
+        "--pipeline-model-parallel-size", str(par.pipeline_parallel),
+        "--context-parallel-size", str(par.context_parallel),
+    ]
+    args += _flag(par.distributed_optimizer, "--use-distributed-optimizer")
+    args += _flag(par.sequence_parallel, "--sequence-parallel")
+    args += _flag(par.overlap_grad_reduce, "--overlap-grad-reduce")
+    args += _flag(par.overlap_param_gather, "--overlap-param-gather")
+    if par.cross_entropy_fusion:
+        args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", par.cross_entropy_fusion]
+    return args
+
+
+def model_args(recipe: Recipe) -> list[str]:
+    m = recipe.model
+    args = ["--transformer-impl", "transformer_engine"]
+    if m.attention_backend != "auto":
+        args += ["--attention-backend", m.attention_backend]
+    args += ["--disable-bias-linear", "--add-qkv-bias"]
+    args += _flag(m.untie_embeddings, "--untie-embeddings-and-output-weights")
+    args += [
+        "--position-embedding-type", "rope",
+        "--rotary-percent", "1.0",
+        "--rotary-base", str(m.rotary_base),
+        "--rotary-seq-len-interpolation-factor", "1",
+        "--normalization", "RMSNorm",
+        "--norm-epsilon", _num(m.norm_epsilon),
+        "--swiglu",
+        "--seq-length", str(m.seq_length),
+        "--max-position-embeddings", str(m.max_position_embeddings),
+        "--num-layers", str(m.num_layers),
+        "--hidden-size", str(m.hidden_size),
+        "--ffn-hidden-size", str(m.ffn_hidden_size),
+        "--num-attention-heads", str(m.num_attention_heads),
+        "--group-query-attention",
+        "--num-query-groups", str(m.num_query_groups),
+        "--attention-dropout", "0.0",
+        "--hidden-dropout", "0.0",
+        "--initial-loss-scale", "262144",
+        "--vocab-size", str(m.vocab_size),
+    ]
+    if m.padded_vocab_size is not None:
+        args += ["--padded-vocab-size", str(m.padded_vocab_size)]
+    return args
+
+
+def training_args(recipe: Recipe, plan: LoadPlan) -> list[str]:
+    s = recipe.schedule
+    train_iters = plan.train_iters if plan.train_iters is not None else s.train_iters
+    warmup_iters = plan.warmup_iters if plan.warmup_iters is not None else s.warmup_iters
+    args = [
+        "--train-iters", str(train_iters),
+        "--seed", str(s.seed),
+        "--lr", _num(s.lr),
+        "--weight-decay", _num(s.weight_decay),
+        "--adam-beta1", _num(s.adam_beta1),
+        "--adam-beta2", _num(s.adam_beta2),
+        "--clip-grad", _num(s.clip_grad),
+        "--lr-decay-style", "WSD",
+        "--lr-warmup-iters", str(warmup_iters),
+        "--lr-wsd-decay-style", s.decay_style,
+        "--lr-wsd-decay-iters", str(s.decay_iters),
+        "--min-lr", _num(s.min_lr),
+        "--init-method-std", _num(recipe.model.init_method_std),
+    ]
+    if s.warmup_init_lr:
+        args += ["--lr-warmup-init", _num(s.warmup_init_lr)]
+    args += _flag(plan.override_scheduler, "--override-opt_param-scheduler")
+    return args
+
+
+def precision_args(recipe: Recipe) -> list[str]:
+    p = recipe.precision
+    args = ["--bf16"]
+    if p.fp8:
+        args += ["--fp8-format", p.fp8_format, "--fp8-recipe", p.fp8]
+        args += _flag(p.fp8_param_gather, "--fp8-param-gather")
+        args += _flag(p.first_last_layers_bf16, "--first-last-layers-bf16")
+    args += _flag(p.precision_aware_optimizer, "--use-precision-aware-optimizer")
+    return args
+
+
+def checkpoint_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan) -> list[str]:
+    c = recipe.checkpoint
+    args = [
+        "--save", str(paths.checkpoints),
+        "--save-interval", str(c.save_interval),
+        "--ckpt-format", c.format,
+        "--load", str(plan.load_dir),
+    ]
+    args += _flag(not c.load_rng, "--no-load-rng")
+    if plan.ckpt_step is not None:
+        args += ["--ckpt-step", str(plan.ckpt_step)]
+    if plan.pretrained is not None:
+        args += ["--pretrained-checkpoint", str(plan.pretrained)]
+    args += _flag(plan.expect_checkpoint, "--exit-on-missing-checkpoint")
+    if c.async_save:
+        args += ["--async-save", "--use-persistent-ckpt-worker"]
+    args += ["--exit-signal-handler"]
+    if recipe.launch.exit_duration_minutes is not None:
+        args += ["--exit-duration-in-mins", str(recipe.launch.exit_duration_minutes)]
+    return args
+
+
+def logging_args(recipe: Recipe, paths: ExperimentPaths) -> list[str]:
+    lg = recipe.logging
+    args = [
+        "--log-interval", str(lg.log_interval),
+        "--eval-interval", str(lg.eval_interval),
+        "--eval-iters", str(lg.eval_iters),
+        "--log-throughput",
+    ]
+    if lg.tensorboard:
+        args += ["--tensorboard-dir", str(paths.tensorboard), "--log-timers-to-tensorboard",
+                 "--log-memory-to-tensorboard"]
+    args += _flag(lg.params_norm, "--log-params-norm")
+    args += _flag(lg.num_zeros_in_grad, "--log-num-zeros-in-grad")
+    if lg.wandb_project:
+        args += ["--wandb-project", lg.wandb_project, "--wandb-exp-name", paths.name,
+                 "--wandb-save-dir", str(paths.logs)]
+    if lg.profile:
+        args += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(lg.profile_step_start),
+                 "--profile-step-end", str(lg.profile_step_end)]
+    return args
+
+
+def build_arg_groups(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan,
+                     extra: list[str] | None = None) -> list[ArgGroup]:
+    groups: list[ArgGroup] = [
+        ("data", data_args(recipe, paths)),
+        ("parallel", parallel_args(recipe)),
+        ("model", model_args(recipe)),
+        ("training", training_args(recipe, plan)),
+        ("precision", precision_args(recipe)),
+        ("checkpoint", checkpoint_args(recipe, paths, plan)),
+        ("logging", logging_args(recipe, paths)),
+    ]
+    passthrough = list(recipe.megatron_extra_args) + list(extra or [])
+    if passthrough:
+        groups.append(("pass-through (last one wins)", passthrough))
+    return groups
+
+
+def build_megatron_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan,
+                        extra: list[str] | None = None) -> list[str]:
+    return [arg for _, args in build_arg_groups(recipe, paths, plan, extra) for arg in args]

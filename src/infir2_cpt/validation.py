@@ -1,0 +1,292 @@
+"""Preflight checks, all in one place, run before anything is launched or written.
+
+Two kinds of problems:
+- configuration problems (the recipe or command line is wrong): always fatal, exit 2;
+- machine problems (a file, tokenizer or GPU missing *here*): fatal for a launch, warnings in --dry-run,
+  since a dry run is often made on a login node that lacks them.
+Every rule runs; nothing stops at the first problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layout import ExperimentPaths
+from .recipes import FP8_RECIPES, WSD_DECAY_STYLES, Problem, Recipe
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
+FP8_BLOCK = 128
+_ENDPOINT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
+_LOOPBACK = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+@dataclass
+class Findings:
+    config: list[Problem] = field(default_factory=list)
+    machine: list[Problem] = field(default_factory=list)
+
+    def add(self, key: str, message: str, value: object = None) -> None:
+        self.config.append(Problem(key, message, value))
+
+    def add_machine(self, key: str, message: str, value: object = None) -> None:
+        self.machine.append(Problem(key, message, value))
+
+    def extend(self, other: "Findings") -> None:
+        self.config.extend(other.config)
+        self.machine.extend(other.machine)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
+    match = _ENDPOINT_RE.match(endpoint.strip())
+    if not match:
+        return None
+    port = int(match.group("port"))
+    if not 1 <= port <= 65535:
+        return None
+    return match.group("host"), port
+
+
+# --------------------------------------------------------------------------- configuration rules
+
+
+def check_parallel(recipe: Recipe, out: Findings) -> None:
+    m, par, launch = recipe.model, recipe.parallel, recipe.launch
+    tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
+    for key, value in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp),
+                       ("parallel.context_parallel", cp), ("parallel.micro_batch_size", par.micro_batch_size),
+                       ("parallel.global_batch_size", par.global_batch_size)):
+        if value < 1:
+            out.add(key, "must be >= 1", value)
+    if min(tp, pp, cp, par.micro_batch_size) < 1:
+        return
+    if m.num_attention_heads % tp:
+        out.add("parallel.tensor_parallel",
+                f"must divide model.num_attention_heads={m.num_attention_heads}; "
+                f"valid: {_divisors(m.num_attention_heads)}", tp)
+    if m.num_query_groups % tp:
+        out.add("parallel.tensor_parallel",
+                f"must divide model.num_query_groups={m.num_query_groups} (each TP rank needs whole key/value "
+                f"heads); valid: {_divisors(m.num_query_groups)}", tp)
+    if m.num_attention_heads % max(m.num_query_groups, 1):
+        out.add("model.num_query_groups", f"must divide model.num_attention_heads={m.num_attention_heads}",
+                m.num_query_groups)
+    world = launch.nnodes * launch.nproc_per_node
+    model_parallel = tp * pp * cp
+    if world >= 1 and world % model_parallel:
+        out.add("parallel", f"world size {world} (nnodes {launch.nnodes} x nproc_per_node "
+                f"{launch.nproc_per_node}) is not divisible by TP x PP x CP = {model_parallel}")
+    elif world >= 1:
+        dp = world // model_parallel
+        if par.global_batch_size % (par.micro_batch_size * dp):
+            out.add("parallel.global_batch_size",
+                    f"must be a multiple of micro_batch_size x data-parallel size = {par.micro_batch_size} x {dp} "
+                    f"= {par.micro_batch_size * dp}", par.global_batch_size)
+    if par.sequence_parallel and tp == 1:
+        out.add("parallel.sequence_parallel",
+                "needs tensor_parallel > 1 (Megatron would silently turn it off); set it to false", True)
+    if par.overlap_param_gather and not (par.distributed_optimizer and par.overlap_grad_reduce):
+        out.add("parallel.overlap_param_gather", "needs distributed_optimizer and overlap_grad_reduce", True)
+    if cp > 1 and m.seq_length % (2 * cp):
+        out.add("model.seq_length", f"must be divisible by 2 x context_parallel = {2 * cp}", m.seq_length)
+    if par.cross_entropy_fusion not in (None, "native"):
+        out.add("parallel.cross_entropy_fusion",
+                "must be null or 'native' (megatron-core 0.19.2 refuses 'te' as unstable)", par.cross_entropy_fusion)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_model(recipe: Recipe, out: Findings) -> None:
+    m = recipe.model
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "seq_length", "vocab_size"):
+        if getattr(m, key) < 1:
+            out.add(f"model.{key}", "must be >= 1", getattr(m, key))
+    if m.max_position_embeddings < m.seq_length:
+        out.add("model.max_position_embeddings", f"must be >= model.seq_length={m.seq_length}",
+                m.max_position_embeddings)
+    if m.num_attention_heads >= 1 and m.hidden_size % m.num_attention_heads:
+        out.add("model.hidden_size", f"must be divisible by num_attention_heads={m.num_attention_heads}",
+                m.hidden_size)
+    if m.attention_backend not in ("auto", "fused", "flash", "unfused", "local"):
+        out.add("model.attention_backend", "must be one of auto, fused, flash, unfused, local", m.attention_backend)
+    if m.attention_backend != "auto" and recipe.env.get("NVTE_FUSED_ATTN") not in (None, ""):
+        out.add("env.NVTE_FUSED_ATTN", f"must be removed when model.attention_backend={m.attention_backend!r} "
+                "(Megatron asserts the NVTE_* attention variables are unset unless the backend is auto)",
+                recipe.env["NVTE_FUSED_ATTN"])
+
+
+def check_precision(recipe: Recipe, out: Findings) -> None:
+    p, m, tp = recipe.precision, recipe.model, max(recipe.parallel.tensor_parallel, 1)
+    if p.fp8 is not None and p.fp8 not in FP8_RECIPES:
+        out.add("precision.fp8", f"must be one of {', '.join(FP8_RECIPES)} or null (BF16)", p.fp8)
+    if p.fp8_format not in ("e4m3", "hybrid"):
+        out.add("precision.fp8_format", "must be e4m3 or hybrid", p.fp8_format)
+    if p.fp8 and p.fp8_param_gather and not recipe.parallel.distributed_optimizer:
+        out.add("precision.fp8_param_gather", "needs parallel.distributed_optimizer: true", True)
+    if p.fp8 == "delayed" and p.first_last_layers_bf16:
+        out.add("precision.first_last_layers_bf16", "is not supported with the delayed FP8 recipe", True)
+    if p.fp8 == "blockwise":
+        kv = m.hidden_size // max(m.num_attention_heads, 1)
+        shapes = {
+            "model.hidden_size": m.hidden_size,
+            "model.ffn_hidden_size": m.ffn_hidden_size,
+            "model.ffn_hidden_size / tensor_parallel": m.ffn_hidden_size / tp,
+            "QKV width / tensor_parallel": (m.num_attention_heads + 2 * m.num_query_groups) * kv / tp,
+        }
+        for key, size in shapes.items():
+            if size != int(size) or int(size) % FP8_BLOCK:
+                out.add(key.split(" ")[0] if key.startswith("model.") else "precision.fp8",
+                        f"blockwise FP8 quantizes in 128-wide blocks: {key} = {size:g} is not a multiple of 128",
+                        int(size) if size == int(size) else size)
+
+
+def check_schedule(recipe: Recipe, out: Findings) -> None:
+    s = recipe.schedule
+    if s.train_iters < 1:
+        out.add("schedule.train_iters", "must be >= 1", s.train_iters)
+    if s.warmup_iters < 0:
+        out.add("schedule.warmup_iters", "must be >= 0", s.warmup_iters)
+    if s.decay_iters < 1:
+        out.add("schedule.decay_iters", "must be >= 1 (WSD needs a decay length)", s.decay_iters)
+    if s.warmup_iters + s.decay_iters > s.train_iters:
+        out.add("schedule", f"warmup_iters + decay_iters = {s.warmup_iters + s.decay_iters} exceeds "
+                f"train_iters = {s.train_iters}")
+    if s.decay_style not in WSD_DECAY_STYLES:
+        out.add("schedule.decay_style", f"must be one of {', '.join(WSD_DECAY_STYLES)}", s.decay_style)
+    if s.min_lr > s.lr:
+        out.add("schedule.min_lr", f"must be <= schedule.lr={s.lr}", s.min_lr)
+    if s.lr <= 0:
+        out.add("schedule.lr", "must be > 0", s.lr)
+
+
+def check_logging_and_checkpoint(recipe: Recipe, out: Findings) -> None:
+    lg, c = recipe.logging, recipe.checkpoint
+    for key, value in (("logging.log_interval", lg.log_interval), ("logging.eval_interval", lg.eval_interval),
+                       ("checkpoint.save_interval", c.save_interval)):
+        if value < 1:
+            out.add(key, "must be >= 1", value)
+    if lg.eval_iters < 0:
+        out.add("logging.eval_iters", "must be >= 0", lg.eval_iters)
+    if c.format != "torch_dist":
+        out.add("checkpoint.format", "must be torch_dist (resume detection checks torch_dist completeness)",
+                c.format)
+    if lg.profile and lg.profile_step_end <= lg.profile_step_start:
+        out.add("logging.profile_step_end", f"must be > profile_step_start={lg.profile_step_start}",
+                lg.profile_step_end)
+
+
+def check_data_and_tokenizer(recipe: Recipe, out: Findings) -> None:
+    d, tok = recipe.data, recipe.tokenizer
+    if not d.mock and not d.blend:
+        out.add("data.blend", "is empty: list indexed-dataset prefixes, or set data.mock: true")
+    if d.mock and d.blend:
+        out.add("data.mock", "mock data and data.blend are exclusive; clear one", True)
+    for i, entry in enumerate(d.blend):
+        if entry.weight <= 0:
+            out.add(f"data.blend[{i}].weight", "must be > 0", entry.weight)
+        if not entry.path:
+            out.add(f"data.blend[{i}].path", "must not be empty")
+    parts = d.split.split(",")
+    if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+        out.add("data.split", "must be three comma-separated weights, like 90,5,5", d.split)
+    if tok.type not in TOKENIZER_TYPES:
+        out.add("tokenizer.type", f"must be one of {', '.join(TOKENIZER_TYPES)}", tok.type)
+    if tok.type == "HuggingFaceTokenizer" and not tok.model:
+        out.add("tokenizer.model", "HuggingFaceTokenizer needs a tokenizer directory")
+
+
+def check_launch(recipe: Recipe, out: Findings) -> None:
+    launch = recipe.launch
+    if launch.nnodes < 1:
+        out.add("launch.nnodes", "must be >= 1", launch.nnodes)
+    if launch.nproc_per_node < 1:
+        out.add("launch.nproc_per_node", "must be >= 1", launch.nproc_per_node)
+    endpoint = parse_endpoint(launch.rdzv_endpoint)
+    if endpoint is None:
+        out.add("launch.rdzv_endpoint", "must be HOST:PORT with a port in 1-65535", launch.rdzv_endpoint)
+    elif launch.nnodes > 1 and endpoint[0] in _LOOPBACK:
+        out.add("launch.rdzv_endpoint", f"is a loopback address but nnodes={launch.nnodes}: other hosts can never "
+                "reach it; give the first node's hostname or IP", launch.rdzv_endpoint)
+    if launch.join_timeout < 1:
+        out.add("launch.join_timeout", "must be >= 1 second", launch.join_timeout)
+    if launch.exit_duration_minutes is not None and launch.exit_duration_minutes < 1:
+        out.add("launch.exit_duration_minutes", "must be >= 1", launch.exit_duration_minutes)
+    if launch.max_restarts < 0:
+        out.add("launch.max_restarts", "must be >= 0", launch.max_restarts)
+
+
+def check_config(recipe: Recipe) -> Findings:
+    out = Findings()
+    for rule in (check_model, check_parallel, check_precision, check_schedule, check_logging_and_checkpoint,
+                 check_data_and_tokenizer, check_launch):
+        rule(recipe, out)
+    return out
+
+
+# --------------------------------------------------------------------------- machine rules
+
+
+def check_files(recipe: Recipe, paths: ExperimentPaths) -> Findings:
+    out = Findings()
+    for i, entry in enumerate(recipe.data.blend):
+        missing = [s for s in (".bin", ".idx") if not Path(entry.path + s).is_file()]
+        if missing and not recipe.data.mock:
+            out.add_machine(f"data.blend[{i}].path", f"missing {' and '.join(entry.path + s for s in missing)}",
+                            entry.path)
+    tok = recipe.tokenizer
+    if tok.type == "HuggingFaceTokenizer" and tok.model and not Path(tok.model).is_dir():
+        out.add_machine("tokenizer.model", "tokenizer directory not found", tok.model)
+    if recipe.megatron.code_dir and not (Path(recipe.megatron.code_dir) / "pretrain_gpt.py").is_file():
+        out.add_machine("megatron.code_dir", "has no pretrain_gpt.py", recipe.megatron.code_dir)
+    if recipe.checkpoint.pretrained:
+        pre = Path(recipe.checkpoint.pretrained)
+        if not (pre / "latest_checkpointed_iteration.txt").is_file():
+            out.add_machine("checkpoint.pretrained",
+                            "is not a Megatron checkpoint directory (no latest_checkpointed_iteration.txt)", str(pre))
+    existing = _nearest_existing(paths.root)
+    if not os.access(existing, os.W_OK):
+        out.add_machine("exp", f"{existing} is not writable", str(paths.root))
+    return out
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_gpu(recipe: Recipe) -> Findings:
+    """GPU count and, for blockwise FP8, compute capability >= 9.0 and CUDA >= 12.9 (TE's own requirement)."""
+    out = Findings()
+    try:
+        import torch
+    except ImportError:
+        out.add_machine("gpu", "torch is not importable here")
+        return out
+    if not torch.cuda.is_available():
+        out.add_machine("gpu", "no CUDA GPU is visible on this host")
+        return out
+    count = torch.cuda.device_count()
+    if count < recipe.launch.nproc_per_node:
+        out.add_machine("launch.nproc_per_node", f"only {count} GPU(s) visible on this host",
+                        recipe.launch.nproc_per_node)
+    if recipe.precision.fp8 == "blockwise":
+        major, minor = torch.cuda.get_device_capability(0)
+        if (major, minor) < (9, 0):
+            out.add_machine("precision.fp8", f"blockwise FP8 needs compute capability >= 9.0 (Hopper); this GPU "
+                            f"is {major}.{minor}", "blockwise")
+        cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+        if cuda < (12, 9):
+            out.add_machine("precision.fp8", f"blockwise FP8 needs torch built with CUDA >= 12.9 (have "
+                            f"{torch.version.cuda})", "blockwise")
+    return out
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_nearest_existing(path)).free
