@@ -132,6 +132,21 @@ def show(recipe: RecipeOpt, sets: SetOpt = None) -> None:
     print(recipe_to_yaml(loaded.recipe), end="")
 
 
+# --- checkpoint and schedule commands (issue 4) ---
+
+
+# --- data commands (issue 5) ---
+
+
+# --- conversion commands (issue 6) ---
+
+
+# --- benchmark commands (issue 7) ---
+
+
+# --- slurm commands (issue 9) ---
+
+
 def main() -> None:
     app()
 
