@@ -1,0 +1,55 @@
+"""Workarounds for traps of the megatron-core 0.19.2 wheel, each seen on an H200 (see
+../shared/reference/gpu-probe-2026-11-28.md, "Pitfalls"). Pure functions where possible, so the CPU
+tests can check them.
+
+1. megatron.training's initialize runs `make` in megatron/core/datasets to build the dataset helpers.
+   The wheel ships the compiled helpers_cpp module but no Makefile, so rank 0 would exit.
+2. --gradient-accumulation-fusion (Megatron's default) needs APEX's fused_weight_gradient_mlp_cuda for
+   the output layer; without APEX the first backward raises.
+3. --cross-entropy-fusion-impl te is refused by 0.19.2 ("disabled due to stability issues"); native works.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+APEX_WGRAD_MODULE = "fused_weight_gradient_mlp_cuda"
+
+
+def apex_wgrad_fusion_available() -> bool:
+    return importlib.util.find_spec(APEX_WGRAD_MODULE) is not None
+
+
+def _value_after(argv: list[str], flag: str) -> int | None:
+    """Index of the value of the last occurrence of `flag` (argparse: last one wins)."""
+    positions = [i for i, arg in enumerate(argv) if arg == flag]
+    return positions[-1] + 1 if positions and positions[-1] + 1 < len(argv) else None
+
+
+def adjust_megatron_argv(argv: list[str], apex_available: bool | None = None) -> tuple[list[str], list[str]]:
+    """Megatron arguments made runnable on the wheel, and a note for every change made."""
+    argv = list(argv)
+    notes: list[str] = []
+    if apex_available is None:
+        apex_available = apex_wgrad_fusion_available()
+    if not apex_available and "--no-gradient-accumulation-fusion" not in argv:
+        argv.append("--no-gradient-accumulation-fusion")
+        notes.append(f"APEX's {APEX_WGRAD_MODULE} is not installed: added --no-gradient-accumulation-fusion")
+    index = _value_after(argv, "--cross-entropy-fusion-impl")
+    if index is not None and argv[index] == "te":
+        argv[index] = "native"
+        notes.append("megatron-core 0.19.2 refuses --cross-entropy-fusion-impl te: using native")
+    return argv, notes
+
+
+def skip_dataset_helper_compilation() -> None:
+    """Use the wheel's compiled dataset helpers instead of letting Megatron run `make` (no Makefile)."""
+    import megatron.core.datasets.utils as dataset_utils
+
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "megatron.core.datasets.helpers_cpp is missing from the installed megatron-core; reinstall the "
+            "megatron-core==0.19.2 wheel for this Python version") from exc
+    dataset_utils.compile_helpers = lambda: None
