@@ -102,7 +102,10 @@ class ResumePoint:
 
     folder is None when there is nothing complete to resume from (a fresh start). ckpt_step is set when
     the tracker cannot be trusted and Megatron must be told the iteration. repair_tracker is set when the
-    tracker file is garbled: Megatron would exit on it, so the launcher rewrites it first.
+    tracker file would derail Megatron: garbled (Megatron exits on it) or 'release' (Megatron would load the
+    release folder whatever --ckpt-step says), so the launcher rewrites it to ckpt_step first; on a fresh
+    start (folder None) it is set whenever a tracker file exists at all, since Megatron would try to load
+    what it names (and then ignore --pretrained-checkpoint), so the launcher sets it aside.
     """
 
     folder: CheckpointFolder | None
@@ -138,23 +141,29 @@ def find_resume_point(ckpt_dir: Path) -> ResumePoint:
     if newest is None:
         if partial:
             why += f"; only partial checkpoints here ({', '.join(f.path.name for f in partial)})"
-        return ResumePoint(None, why + "; no complete checkpoint to resume from", partial=partial)
+        return ResumePoint(None, why + "; no complete checkpoint to resume from", partial=partial,
+                           repair_tracker=tracker.problem != "missing")
     return ResumePoint(
         newest,
         why + f"; falling back to the newest complete checkpoint, {newest.path.name}",
         ckpt_step=newest.iteration,
-        repair_tracker=tracker.problem is not None and tracker.problem != "missing",
+        repair_tracker=tracker.release or (tracker.problem is not None and tracker.problem != "missing"),
         partial=partial,
     )
 
 
-def write_tracker(ckpt_dir: Path, iteration: int) -> Path | None:
-    """Atomically write the tracker; a garbled old one is kept beside it. Returns the backup's path."""
+def write_tracker(ckpt_dir: Path, iteration: int | None) -> Path | None:
+    """Atomically write the tracker; a garbled old one is kept beside it. Returns the backup's path.
+
+    iteration None only sets the old tracker aside (a fresh start: Megatron must find no tracker)."""
     path = ckpt_dir / TRACKER
     backup = None
     if path.exists():
-        backup = path.with_name(f"{TRACKER}.garbled-{time.strftime('%Y%m%d-%H%M%S')}")
+        label = "garbled" if iteration is not None else "stale"
+        backup = path.with_name(f"{TRACKER}.{label}-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, backup)
+    if iteration is None:
+        return backup
     tmp = path.with_name(f".{TRACKER}.tmp-{os.getpid()}")
     tmp.write_text(f"{iteration}\n")
     os.replace(tmp, path)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import time
@@ -26,7 +27,8 @@ from . import checkpoints as ck
 from .layout import ExperimentPaths
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
 from .recipes import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
-from .validation import Findings, check_config, check_files, check_gpu
+from .torchrun import GRACE_ENV
+from .validation import Findings, check_config, check_disk_space, check_files, check_gpu, drop_consequences
 
 DEFAULT_ENTRY = "infir2_cpt.entry"
 ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
@@ -61,7 +63,7 @@ class LaunchPlan:
     launcher: list[str]  # torchrun and its options, up to and including the entry
     notes: list[str]
     findings: Findings
-    tracker_repair: tuple[Path, int] | None = None
+    tracker_repair: tuple[Path, int | None] | None = None  # iteration None: set the tracker aside
     schedule_record: dict[str, Any] = field(default_factory=dict)
     decay_source: dict[str, Any] | None = None
 
@@ -150,29 +152,32 @@ def _check_schedule_unchanged(paths: ExperimentPaths, record: dict[str, Any], ou
                     f"resume with a changed schedule: restore it, or start a new experiment with --exp", value)
 
 
-def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: list[str]) -> tuple[LoadPlan, tuple[Path, int] | None]:
+def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: list[str]) -> tuple[LoadPlan, tuple[Path, int | None] | None]:
     point = ck.find_resume_point(paths.checkpoints)
     repair = None
     if point.folder is not None:
         notes.append(f"resuming from {point.folder.path} ({point.reason})")
         if point.repair_tracker and point.ckpt_step is not None:
             repair = (paths.checkpoints, point.ckpt_step)
-            notes.append(f"the garbled tracker will be set aside and rewritten to {point.ckpt_step}")
+            notes.append(f"the tracker will be set aside and rewritten to {point.ckpt_step}")
         if point.iteration is not None and point.iteration >= recipe.schedule.train_iters:
             notes.append(f"iteration {point.iteration} >= train_iters {recipe.schedule.train_iters}: the run is "
                          "already complete; Megatron will exit after loading")
         _check_schedule_unchanged(paths, schedule_record(recipe, recipe.schedule.train_iters,
                                                          recipe.schedule.warmup_iters), out)
         return LoadPlan(load_dir=paths.checkpoints, ckpt_step=point.ckpt_step, expect_checkpoint=True), repair
-    if point.partial:
+    if point.repair_tracker:  # a tracker naming nothing loadable: Megatron would load it (or exit) instead
+        repair = (paths.checkpoints, None)
+        notes.append(f"{point.reason}: the tracker will be set aside so that Megatron starts fresh")
+    elif point.partial:
         notes.append(f"{point.reason}")
     if recipe.checkpoint.pretrained:
         notes.append(f"no checkpoint of this run yet: starting from the base model {recipe.checkpoint.pretrained}")
         return LoadPlan(load_dir=paths.checkpoints, pretrained=Path(recipe.checkpoint.pretrained),
-                        expect_checkpoint=True), None
+                        expect_checkpoint=True), repair
     notes.append("no checkpoint of this run yet and checkpoint.pretrained is not set: starting from random "
                  "initialization")
-    return LoadPlan(load_dir=paths.checkpoints), None
+    return LoadPlan(load_dir=paths.checkpoints), repair
 
 
 def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: Findings,
@@ -182,15 +187,16 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: 
     if target is None:
         out.add("--load", problem or "cannot resolve", load_spec)
         return LoadPlan(load_dir=stable.checkpoints), None, None
+    own = ck.find_resume_point(paths.checkpoints)
     missing = ck.check_load_target(target)
-    if missing:
+    if missing and own.folder is None:  # a decay resuming from its own checkpoints needs the stable one no more
         out.add_machine("--load", missing, load_spec)
     decay_iters = recipe.schedule.decay_iters
     if target.iteration >= recipe.schedule.train_iters:
         out.add("--load", f"iteration {target.iteration} is at or past the stable recipe's train_iters "
                 f"({recipe.schedule.train_iters}): that run has already decayed", load_spec)
-    if target.ckpt_dir.resolve() == paths.checkpoints.resolve():
-        out.add("--exp", f"the decay would write into the checkpoint directory it loads from "
+    if paths.checkpoints.resolve() in (target.ckpt_dir.resolve(), stable.checkpoints.resolve()):
+        out.add("--exp", f"the decay would write into the stable run's checkpoint directory "
                 f"({paths.checkpoints}); give the decay its own experiment name", paths.name)
     elif target.iteration > recipe.schedule.train_iters - decay_iters:
         notes.append(f"iteration {target.iteration} is inside the stable recipe's own decay phase: the decay "
@@ -198,12 +204,11 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: 
     end = target.iteration + decay_iters
     source = {"ckpt_dir": str(target.ckpt_dir), "iteration": target.iteration, "train_iters": end}
     saved_source = _read_json(paths.root / DECAY_SOURCE_FILE)
-    if saved_source and (saved_source.get("iteration"), saved_source.get("ckpt_dir")) != (
-            target.iteration, str(target.ckpt_dir)):
+    if saved_source and (saved_source.get("iteration"), Path(str(saved_source.get("ckpt_dir"))).resolve()) != (
+            target.iteration, target.ckpt_dir.resolve()):
         out.add("--load", f"experiment {paths.name} is a decay from {saved_source.get('ckpt_dir')}/"
                 f"{ck.iter_dir_name(int(saved_source.get('iteration', 0)))}; to decay from another checkpoint "
                 f"give it its own --exp", load_spec)
-    own = ck.find_resume_point(paths.checkpoints)
     if own.folder is not None and not out.config:
         notes.append(f"resuming this decay run from its own {own.folder.path} ({own.reason}); it ends at "
                      f"iteration {end}")
@@ -211,6 +216,12 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: 
         plan = LoadPlan(load_dir=paths.checkpoints, ckpt_step=own.ckpt_step, expect_checkpoint=True,
                         override_scheduler=True, train_iters=end, warmup_iters=0)
         return plan, repair, source
+    stable_tracker = ck.read_tracker(target.ckpt_dir)
+    if stable_tracker.release or stable_tracker.problem not in (None, "missing"):
+        out.add_machine("--load", f"{target.ckpt_dir / ck.TRACKER} is "
+                        f"{stable_tracker.problem or 'release'}: Megatron reads it before --ckpt-step and would "
+                        f"exit (or load the release folder instead); write the stable run's newest complete "
+                        f"iteration into it, or move it aside", load_spec)
     notes.append(f"decay: loading {target.folder.path} (iteration {target.iteration}), annealing "
                  f"{recipe.schedule.lr} -> {recipe.schedule.min_lr} ({recipe.schedule.decay_style}) over "
                  f"{decay_iters} iterations, ending at {end}; saving into {paths.checkpoints}")
@@ -247,6 +258,8 @@ def resolve_env(recipe: Recipe, base: dict[str, str]) -> tuple[dict[str, str], l
         else:
             env[name] = value
             report.append((name, value, "recipe"))
+    env[GRACE_ENV] = str(recipe.launch.stop_grace_seconds)
+    report.append((GRACE_ENV, env[GRACE_ENV], "launch.stop_grace_seconds"))
     if recipe.megatron.code_dir:
         pythonpath = os.pathsep.join(p for p in (base.get("PYTHONPATH", ""), recipe.megatron.code_dir) if p)
         env["PYTHONPATH"] = pythonpath
@@ -266,7 +279,7 @@ def entry_target(recipe: Recipe, environ: dict[str, str]) -> list[str]:
 def torchrun_command(recipe: Recipe, environ: dict[str, str]) -> list[str]:
     launch = recipe.launch
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "infir2_cpt.torchrun",  # torchrun with a save-then-exit stop (torchrun.py)
         f"--nnodes={launch.nnodes}",
         f"--nproc-per-node={launch.nproc_per_node}",
         "--rdzv-backend=c10d",
@@ -288,7 +301,7 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     recipe = load_request_recipe(req, type_problems).recipe
     paths = ExperimentPaths.for_name(recipe.name)
     findings = Findings(config=type_problems)
-    findings.extend(check_config(recipe))
+    findings.extend(drop_consequences(check_config(recipe), type_problems))
     notes: list[str] = []
     decay_source = None
     if req.decay_load is None and recipe.phase == "decay":
@@ -299,9 +312,15 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     else:
         load, repair, decay_source = plan_decay_run(recipe, paths, req.decay_load, findings, notes)
     findings.extend(check_files(recipe, paths))
+    findings.extend(check_disk_space(recipe, paths, notes))
     if ENTRY_ENV not in environ:
         findings.extend(check_gpu(recipe))
     env, env_report = resolve_env(recipe, environ)
+    if recipe.launch.nnodes > 1:  # issue 9: what a multi-node launch waits for, and for how long
+        notes.append(f"multi-node: {recipe.launch.nnodes} nodes x {recipe.launch.nproc_per_node} processes meet at "
+                     f"{recipe.launch.rdzv_endpoint} (rendezvous id {rendezvous_id(recipe)}); run this same command "
+                     f"on every node; a node missing after {recipe.launch.join_timeout} s (launch.join_timeout) "
+                     f"stops the others with an error")
     train_iters = load.train_iters if load.train_iters is not None else recipe.schedule.train_iters
     warmup = load.warmup_iters if load.warmup_iters is not None else recipe.schedule.warmup_iters
     plan = LaunchPlan(
@@ -351,10 +370,15 @@ def describe(plan: LaunchPlan) -> str:
 def execute(plan: LaunchPlan) -> None:
     """Create exp/<name>/, record the launch there, and exec torchrun. Does not return."""
     paths = plan.paths
+    from .locking import acquire_for_launch  # one writer per experiment (locking.py); kept across exec
+    acquire_for_launch(paths, nnodes=plan.recipe.launch.nnodes, rdzv_endpoint=plan.recipe.launch.rdzv_endpoint,
+                       rdzv_id=rendezvous_id(plan.recipe))
     paths.make_dirs()
     if plan.tracker_repair is not None:
         backup = ck.write_tracker(*plan.tracker_repair)
-        print(f"infir2: rewrote {ck.TRACKER} -> {plan.tracker_repair[1]} (old one kept as {backup})", file=sys.stderr)
+        done = (f"rewrote {ck.TRACKER} -> {plan.tracker_repair[1]}" if plan.tracker_repair[1] is not None
+                else f"set {ck.TRACKER} aside")
+        print(f"infir2: {done} (old one kept as {backup})", file=sys.stderr)
     (paths.root / "recipe.yaml").write_text(recipe_to_yaml(plan.recipe))
     (paths.root / SCHEDULE_FILE).write_text(json.dumps(plan.schedule_record, indent=2) + "\n")
     if plan.decay_source is not None:
@@ -370,8 +394,41 @@ def execute(plan: LaunchPlan) -> None:
     env["INFIR2_LOG_FILE"] = str(log_file)
     env["INFIR2_EXP_DIR"] = str(paths.root)
     print(describe(plan), file=sys.stderr)
-    print(f"# console log of rank 0: {log_file}", file=sys.stderr, flush=True)
+    print(f"# console log of this node (all local ranks): {log_file}", file=sys.stderr, flush=True)
+    start_console_tee(log_file)
     os.execve(plan.command[0], plan.command, env)
+
+
+def start_console_tee(log_file: Path) -> None:
+    """Copy everything this process (and, after exec, torchrun and its workers) prints to log_file too.
+
+    A forked child reads a pipe that replaces our stdout/stderr and writes to both the terminal and the
+    log. It is not our parent, so signals sent to our PID still reach torchrun after the exec; it leaves
+    the process group and ignores signals, so a Ctrl-C or a scheduler's SIGTERM to the group cannot kill
+    it before the workers' last words (the checkpoint-saved lines) are written. It exits at end of file,
+    when the last worker has exited.
+    """
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:  # the tee
+        os.close(write_end)
+        os.setsid()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)
+        terminal = os.dup(1)
+        with open(log_file, "ab", buffering=0) as log:
+            while chunk := os.read(read_end, 1 << 16):
+                log.write(chunk)
+                try:
+                    os.write(terminal, chunk)
+                except OSError:
+                    pass  # the terminal went away; keep logging
+        os._exit(0)
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
 
 
 def dump_plan_yaml(plan: LaunchPlan) -> str:

@@ -184,8 +184,8 @@ def logging_args(recipe: Recipe, paths: ExperimentPaths) -> list[str]:
         args += ["--wandb-project", lg.wandb_project, "--wandb-exp-name", paths.name,
                  "--wandb-save-dir", str(paths.logs)]
     if lg.profile:
-        args += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(lg.profile_step_start),
-                 "--profile-step-end", str(lg.profile_step_end)]
+        args += ["--profile", "--use-pytorch-profiler", "--record-memory-history",
+                 "--profile-step-start", str(lg.profile_step_start), "--profile-step-end", str(lg.profile_step_end)]
     return args
 
 

@@ -162,6 +162,9 @@ class LaunchConfig:
     exit_duration_minutes: Optional[int] = doc(
         "Wall-clock budget: save and exit cleanly after this many minutes (for batch schedulers).", default=None)
     max_restarts: int = doc("torchrun worker-group restarts on failure.", default=0)
+    stop_grace_seconds: int = doc(
+        "On SIGTERM/SIGINT the workers save a checkpoint and exit; they are killed only after this many seconds.",
+        default=900)
 
 
 @dataclass
@@ -437,6 +440,8 @@ def apply_sets(raw: dict[str, Any], assignments: list[str], problems: list[Probl
         cls: Any = Recipe
         ok = True
         for i, part in enumerate(parts):
+            if get_origin(cls) is dict and i == len(parts) - 1:
+                break  # a mapping section (env) takes any NAME: --set env.NCCL_DEBUG=INFO
             if not dataclasses.is_dataclass(cls):
                 problems.append(Problem(f"--set {dotted}", f"'{'.'.join(parts[:i])}' is not a section"))
                 ok = False

@@ -115,10 +115,15 @@ def check_model(recipe: Recipe, out: Findings) -> None:
                 m.hidden_size)
     if m.attention_backend not in ("auto", "fused", "flash", "unfused", "local"):
         out.add("model.attention_backend", "must be one of auto, fused, flash, unfused, local", m.attention_backend)
-    if m.attention_backend != "auto" and recipe.env.get("NVTE_FUSED_ATTN") not in (None, ""):
-        out.add("env.NVTE_FUSED_ATTN", f"must be removed when model.attention_backend={m.attention_backend!r} "
-                "(Megatron asserts the NVTE_* attention variables are unset unless the backend is auto)",
-                recipe.env["NVTE_FUSED_ATTN"])
+    # Megatron (language_module._set_attention_backend) asserts each NVTE_*_ATTN variable is unset or equal
+    # to the value the backend implies; an empty string is "set" too.
+    enabled = {"auto": ("FLASH", "FUSED", "UNFUSED"), "fused": ("FUSED",), "flash": ("FLASH",),
+               "unfused": ("UNFUSED",), "local": ()}.get(m.attention_backend)
+    for kind in ("FLASH", "FUSED", "UNFUSED") if enabled is not None else ():
+        name, expected = f"NVTE_{kind}_ATTN", "1" if kind in enabled else "0"
+        if name in recipe.env and recipe.env[name] != expected:
+            out.add(f"env.{name}", f"must be {expected} (or absent) when model.attention_backend="
+                    f"{m.attention_backend!r}: Megatron asserts it (--set env.{name}={expected})", recipe.env[name])
 
 
 def check_precision(recipe: Recipe, out: Findings) -> None:
@@ -139,6 +144,8 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
             "model.ffn_hidden_size / tensor_parallel": m.ffn_hidden_size / tp,
             "QKV width / tensor_parallel": (m.num_attention_heads + 2 * m.num_query_groups) * kv / tp,
         }
+        if tp == 1:  # the per-rank FFN shard is the whole FFN: report it once
+            del shapes["model.ffn_hidden_size / tensor_parallel"]
         for key, size in shapes.items():
             if size != int(size) or int(size) % FP8_BLOCK:
                 out.add(key.split(" ")[0] if key.startswith("model.") else "precision.fp8",
@@ -221,10 +228,40 @@ def check_launch(recipe: Recipe, out: Findings) -> None:
         out.add("launch.max_restarts", "must be >= 0", launch.max_restarts)
 
 
+def drop_consequences(found: Findings, type_problems: list[Problem]) -> Findings:
+    """`found` without the problems that only follow from a key whose value had the wrong type: that key fell
+    back to its default, so rules about it (or naming it) would report things the user never wrote, like
+    "sequence_parallel needs tensor_parallel > 1" after `tensor_parallel: four`. The type problem is the one
+    to fix; the rest are checked again on the next run."""
+    keys = {p.key.removeprefix("--set ").split("[")[0] for p in type_problems if p.key != "--set"}
+    patterns = [re.compile(rf"(?<![\w.]){re.escape(k)}(?![\w])") for k in keys]
+    patterns += [re.compile(rf"(?<![\w]){re.escape(k.rsplit('.', 1)[-1])}(?![\w])") for k in keys if "." in k]
+
+    def follows(problem: Problem) -> bool:
+        return (any(problem.key == k or problem.key.startswith(k + ".") for k in keys)
+                or any(p.search(problem.message) for p in patterns))
+
+    kept = Findings()
+    kept.config = [p for p in found.config if not follows(p)]
+    kept.machine = list(found.machine)
+    return kept
+
+
+_EXP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
+
+
+def check_name(recipe: Recipe, out: Findings) -> None:
+    """The experiment name is one folder under exp/: no '/', '..', absolute path or empty name, which would
+    put checkpoints outside exp/ or into another experiment's folders."""
+    if not _EXP_NAME_RE.match(recipe.name):
+        out.add("name", "the experiment name (recipe name or --exp) must be one folder name: letters, digits and "
+                "._+=- (starting with a letter or digit, at most 200 characters)", recipe.name)
+
+
 def check_config(recipe: Recipe) -> Findings:
     out = Findings()
     for rule in (check_model, check_parallel, check_precision, check_schedule, check_logging_and_checkpoint,
-                 check_data_and_tokenizer, check_launch):
+                 check_data_and_tokenizer, check_launch, check_name):
         rule(recipe, out)
     return out
 
@@ -237,8 +274,12 @@ def check_files(recipe: Recipe, paths: ExperimentPaths) -> Findings:
     for i, entry in enumerate(recipe.data.blend):
         missing = [s for s in (".bin", ".idx") if not Path(entry.path + s).is_file()]
         if missing and not recipe.data.mock:
-            out.add_machine(f"data.blend[{i}].path", f"missing {' and '.join(entry.path + s for s in missing)}",
-                            entry.path)
+            # the two usual slips: the .bin/.idx file itself, or the PREFIX that was given to prepare-data
+            stem = entry.path.removesuffix(".bin").removesuffix(".idx")
+            hint = next((f"; did you mean {c}?" for c in (stem, entry.path + "_text_document")
+                         if c != entry.path and Path(c + ".bin").is_file() and Path(c + ".idx").is_file()), "")
+            out.add_machine(f"data.blend[{i}].path",
+                            f"missing {' and '.join(entry.path + s for s in missing)}{hint}", entry.path)
     tok = recipe.tokenizer
     if tok.type == "HuggingFaceTokenizer" and tok.model and not Path(tok.model).is_dir():
         out.add_machine("tokenizer.model", "tokenizer directory not found", tok.model)
@@ -290,3 +331,72 @@ def check_gpu(recipe: Recipe) -> Findings:
 
 def free_bytes(path: Path) -> int:
     return shutil.disk_usage(_nearest_existing(path)).free
+
+
+# --------------------------------------------------------------------------- free space for a checkpoint
+
+# Distributed Adam keeps, per parameter, an fp32 main copy + exp_avg + exp_avg_sq: 12 bytes, all saved.
+OPTIMIZER_BYTES_PER_PARAM = 12
+# Weights are saved in bf16. FP8 parameters (precision.fp8_param_gather) would be 1 byte, but megatron-core
+# 0.19.2 dequantizes quantized tensors to bf16 when it writes a torch_dist checkpoint
+# (dist_checkpointing/strategies/filesystem_async.py), so a checkpoint holds 2 bytes per weight either way.
+WEIGHT_BYTES_PER_PARAM = 2
+
+
+def embedding_rows(recipe: Recipe) -> int:
+    """Rows of the embedding (and output) matrix: padded_vocab_size, else Megatron's padding of the vocab
+    (NullTokenizer adds an EOD token) to a multiple of 128 x TP."""
+    m = recipe.model
+    if m.padded_vocab_size:
+        return m.padded_vocab_size
+    rows = m.vocab_size + (1 if recipe.tokenizer.type == "NullTokenizer" else 0)
+    multiple = 128 * max(recipe.parallel.tensor_parallel, 1)
+    return -(-rows // multiple) * multiple
+
+
+def parameter_count(recipe: Recipe) -> int:
+    """Parameters of the Qwen2.5-shaped GPT the recipe describes (GQA with QKV bias, SwiGLU, RMSNorm)."""
+    m = recipe.model
+    h, ffn = m.hidden_size, m.ffn_hidden_size
+    kv_channels = h // max(m.num_attention_heads, 1)
+    qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * kv_channels
+    per_layer = (h * qkv_width + qkv_width  # QKV weight + bias
+                 + m.num_attention_heads * kv_channels * h  # attention output projection (no bias)
+                 + 2 * ffn * h + ffn * h  # SwiGLU fc1 (gate and up) and fc2
+                 + 2 * h)  # RMSNorm before attention and before the MLP
+    embedding = embedding_rows(recipe) * h
+    output = embedding if m.untie_embeddings else 0
+    return embedding + output + m.num_layers * per_layer + h  # + final RMSNorm
+
+
+def checkpoint_bytes(recipe: Recipe) -> int:
+    """Size of one checkpoint: weights and the optimizer state."""
+    return parameter_count(recipe) * (WEIGHT_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM)
+
+
+def checkpoint_estimate_text(recipe: Recipe) -> str:
+    params = parameter_count(recipe)
+    return (f"{checkpoint_bytes(recipe) / 1e9:.1f} GB ({params / 1e9:.2f}B parameters x "
+            f"{WEIGHT_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM} bytes: bf16 weights {WEIGHT_BYTES_PER_PARAM} + "
+            f"fp32 Adam main params, exp_avg, exp_avg_sq {OPTIMIZER_BYTES_PER_PARAM})")
+
+
+def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | None = None) -> Findings:
+    """A machine problem when the checkpoint filesystem cannot hold one more checkpoint. Appends the estimate
+    to `notes` (shown by --dry-run)."""
+    out = Findings()
+    need = checkpoint_bytes(recipe)
+    where = _nearest_existing(paths.checkpoints)
+    try:
+        free = free_bytes(paths.checkpoints)
+    except OSError as exc:
+        out.add_machine("checkpoint", f"cannot measure the free space of {where}: {exc}")
+        return out
+    if notes is not None:
+        notes.append(f"one checkpoint needs about {checkpoint_estimate_text(recipe)}; "
+                     f"{free / 1e9:.1f} GB free in {where}")
+    if free < need:
+        out.add_machine("checkpoint", f"not enough free space for one checkpoint: it needs about "
+                        f"{checkpoint_estimate_text(recipe)} but {where} has {free / 1e9:.1f} GB free; free "
+                        f"space or point INFIR2_EXP_ROOT at a larger filesystem")
+    return out

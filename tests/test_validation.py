@@ -1,0 +1,395 @@
+"""Each preflight rule has a failing case whose message is checked, and all problems come out together.
+
+Configuration problems are fatal even in a dry run; machine problems (files, tokenizer, exp/, GPU) are
+warnings in a dry run and fatal for a launch. Launches here are planned with INFIR2_ENTRY in the
+environment, which skips the GPU probe the way the CPU torchrun test does, and never exec'd.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from infir2_cpt.launch import LaunchError, LaunchRequest, plan_run
+from infir2_cpt.recipes import RecipeError, load_recipe
+from infir2_cpt.validation import check_config, check_gpu, parse_endpoint
+
+NO_GPU_PROBE = {"INFIR2_ENTRY": "tests.workers.gloo_worker"}
+
+
+def config_problems(recipe: str = "tiny", *sets: str, **request) -> list[str]:
+    """The fatal problems of a dry run (configuration problems only)."""
+    with pytest.raises(LaunchError) as info:
+        plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=True, **request), environ=NO_GPU_PROBE)
+    return [str(p) for p in info.value.problems]
+
+
+def machine_problems(recipe: str = "tiny", *sets: str, **request) -> list[str]:
+    """Machine problems: warnings in a dry run, and the very same problems fatal for a launch."""
+    plan = plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=True, **request), environ=NO_GPU_PROBE)
+    warnings = [str(p) for p in plan.findings.machine]
+    with pytest.raises(LaunchError) as info:
+        plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=False, **request), environ=NO_GPU_PROBE)
+    assert [str(p) for p in info.value.problems] == warnings
+    return warnings
+
+
+def one(problems: list[str], text: str) -> str:
+    hits = [p for p in problems if text in p]
+    assert len(hits) == 1, f"expected exactly one problem containing {text!r} in {problems}"
+    return hits[0]
+
+
+def write_recipe(tmp_path: Path, text: str, name: str = "mine.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- the shipped recipes are clean
+
+
+@pytest.mark.parametrize("name", ["7b", "1.5b", "tiny", "7b-decay", "1.5b-decay"])
+def test_shipped_recipes_have_no_config_problems(name):
+    findings = check_config(load_recipe(name).recipe)
+    assert findings.config == []
+
+
+def test_tiny_dry_run_has_no_machine_problems(exp_root):
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True), environ=NO_GPU_PROBE)
+    assert [p for p in plan.findings.machine if p.key != "checkpoint"] == []
+
+
+# --------------------------------------------------------------------------- parallel layout
+
+
+def test_tp_must_divide_heads_and_query_groups(exp_root):
+    problems = config_problems("tiny", "parallel.tensor_parallel=3", nproc_per_node=3)
+    assert one(problems, "must divide model.num_attention_heads=8").startswith("parallel.tensor_parallel:")
+    assert "valid: 1, 2, 4, 8" in one(problems, "num_attention_heads=8")
+    assert "(got 3)" in one(problems, "num_attention_heads=8")
+    assert "valid: 1, 2" in one(problems, "must divide model.num_query_groups=2")
+
+
+def test_1_5b_tp4_names_query_groups(exp_root):
+    problems = config_problems("1.5b", "parallel.tensor_parallel=4")
+    text = one(problems, "num_query_groups=2")
+    assert text.startswith("parallel.tensor_parallel: must divide model.num_query_groups=2")
+    assert "(got 4)" in text
+    assert not any("num_attention_heads" in p for p in problems)  # 12 heads divide by 4
+
+
+def test_world_size_divisible_by_model_parallel(exp_root):
+    problems = config_problems("7b", nproc_per_node=6)
+    assert one(problems, "world size") == (
+        "parallel: world size 6 (nnodes 1 x nproc_per_node 6) is not divisible by TP x PP x CP = 4")
+
+
+def test_world_size_counts_pipeline_and_context_parallel(exp_root):
+    problems = config_problems("7b", "parallel.pipeline_parallel=3")
+    assert "is not divisible by TP x PP x CP = 12" in one(problems, "world size 8")
+
+
+def test_global_batch_divisible_by_micro_batch_times_dp(exp_root):
+    problems = config_problems("7b", "parallel.global_batch_size=129")
+    text = one(problems, "parallel.global_batch_size")
+    assert "must be a multiple of micro_batch_size x data-parallel size = 1 x 2 = 2" in text
+    assert "(got 129)" in text
+    problems = config_problems("tiny", "parallel.global_batch_size=20", nproc_per_node=2)
+    assert "= 4 x 2 = 8" in one(problems, "parallel.global_batch_size")
+
+
+def test_sequence_parallel_needs_tp(exp_root):
+    problems = config_problems("tiny", "parallel.sequence_parallel=true")
+    assert one(problems, "sequence_parallel") == (
+        "parallel.sequence_parallel: needs tensor_parallel > 1 (Megatron would silently turn it off); "
+        "set it to false (got True)")
+
+
+# --------------------------------------------------------------------------- FP8
+
+
+def test_blockwise_fp8_needs_multiples_of_128(exp_root):
+    problems = config_problems("tiny", "model.ffn_hidden_size=2800")
+    assert one(problems, "128-wide blocks") == (
+        "model.ffn_hidden_size: blockwise FP8 quantizes in 128-wide blocks: model.ffn_hidden_size = 2800 "
+        "is not a multiple of 128 (got 2800)")
+
+
+def test_blockwise_fp8_checks_hidden_size(exp_root):
+    problems = config_problems("tiny", "model.hidden_size=960")  # 8 heads of 120
+    assert "model.hidden_size = 960 is not a multiple of 128" in one(problems, "model.hidden_size:")
+
+
+def test_blockwise_fp8_checks_per_rank_shards(exp_root):
+    """1.5B at TP4: the FFN shard is 8960 / 4 = 2240 wide, not a multiple of 128."""
+    problems = config_problems("1.5b", "parallel.tensor_parallel=4")
+    assert "model.ffn_hidden_size / tensor_parallel = 2240 is not a multiple of 128" in one(problems, "2240")
+
+
+def test_bf16_has_no_block_constraint(exp_root):
+    plan = plan_run(LaunchRequest(recipe="tiny", sets=["model.ffn_hidden_size=2800", "precision.fp8=null"],
+                                  dry_run=True), environ=NO_GPU_PROBE)
+    assert "--fp8-recipe" not in plan.megatron_args
+
+
+def test_gpu_rule_reports_no_gpu_on_a_cpu_host():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    findings = check_gpu(load_recipe("tiny").recipe)
+    assert [str(p) for p in findings.machine] == ["gpu: no CUDA GPU is visible on this host"]
+    assert findings.config == []
+
+
+@pytest.mark.parametrize("backend,value", [("flash", "1"), ("unfused", "1"), ("local", "1"), ("auto", "0"),
+                                           ("fused", "0"), ("flash", "")])
+def test_attention_backend_env_must_agree(backend, value, exp_root):
+    """Megatron asserts NVTE_FUSED_ATTN is unset or what the backend implies ("" counts as set)."""
+    problems = config_problems("tiny", f"model.attention_backend={backend}", f"env.NVTE_FUSED_ATTN='{value}'")
+    expected = "1" if backend in ("auto", "fused") else "0"
+    assert one(problems, "NVTE_FUSED_ATTN") == (
+        f"env.NVTE_FUSED_ATTN: must be {expected} (or absent) when model.attention_backend={backend!r}: "
+        f"Megatron asserts it (--set env.NVTE_FUSED_ATTN={expected}) (got {value!r})")
+
+
+@pytest.mark.parametrize("backend,value", [("fused", "1"), ("flash", "0"), ("auto", "1")])
+def test_attention_backend_env_accepted(backend, value, exp_root):
+    plan = plan_run(LaunchRequest(recipe="tiny", sets=[f"model.attention_backend={backend}",
+                                                        f"env.NVTE_FUSED_ATTN={value}"], dry_run=True),
+                    environ=NO_GPU_PROBE)
+    assert plan.env["NVTE_FUSED_ATTN"] == value
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_warmup_plus_decay_within_train_iters(exp_root):
+    problems = config_problems("tiny", "schedule.train_iters=50")
+    assert one(problems, "exceeds") == "schedule: warmup_iters + decay_iters = 90 exceeds train_iters = 50"
+
+
+# --------------------------------------------------------------------------- machine: data, tokenizer, exp/
+
+
+def test_data_prefix_needs_bin_and_idx(exp_root, tmp_path):
+    prefix = tmp_path / "corpus_text_document"
+    prefix.with_suffix(".bin").write_bytes(b"")
+    sets = ["data.mock=false", f"data.blend=[{{path: '{prefix}', weight: 1.0}}]"]
+    warnings = machine_problems("tiny", *sets)
+    assert one(warnings, "missing") == f"data.blend[0].path: missing {prefix}.idx (got '{prefix}')"
+    prefix.with_suffix(".idx").write_bytes(b"")
+    plan = plan_run(LaunchRequest(recipe="tiny", sets=sets, dry_run=True), environ=NO_GPU_PROBE)
+    assert not [p for p in plan.findings.machine if p.key.startswith("data")]
+    assert plan.megatron_args[:2] == ["--data-path", str(prefix)]
+
+
+def test_data_prefix_missing_both_files(exp_root, tmp_path):
+    prefix = tmp_path / "nothing"
+    warnings = machine_problems("tiny", "data.mock=false", f"data.blend=[{{path: '{prefix}'}}]")
+    assert f"missing {prefix}.bin and {prefix}.idx" in one(warnings, "data.blend[0].path")
+
+
+def test_empty_blend_without_mock_is_a_config_problem(exp_root):
+    problems = config_problems("tiny", "data.mock=false")
+    assert one(problems, "data.blend") == "data.blend: is empty: list indexed-dataset prefixes, or set data.mock: true"
+
+
+def test_tokenizer_directory_must_exist(exp_root, tmp_path):
+    missing = tmp_path / "no-such-tokenizer"
+    warnings = machine_problems("tiny", "tokenizer.type=HuggingFaceTokenizer", f"tokenizer.model={missing}")
+    assert one(warnings, "tokenizer") == f"tokenizer.model: tokenizer directory not found (got '{missing}')"
+
+
+def test_hf_tokenizer_needs_a_directory(exp_root):
+    problems = config_problems("tiny", "tokenizer.type=HuggingFaceTokenizer")
+    assert one(problems, "tokenizer.model") == "tokenizer.model: HuggingFaceTokenizer needs a tokenizer directory"
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if not os.access(locked, os.W_OK):
+        return locked
+    for candidate in (Path("/proc/1"), Path("/proc/sys")):  # root ignores mode bits; procfs does not
+        if candidate.is_dir() and not os.access(candidate, os.W_OK):
+            return candidate
+    pytest.skip("no unwritable directory available to this user")
+
+
+def test_exp_must_be_writable(tmp_path, monkeypatch):
+    unwritable = _unwritable_dir(tmp_path)
+    monkeypatch.setenv("INFIR2_EXP_ROOT", str(unwritable / "exp"))
+    try:
+        warnings = machine_problems("tiny")
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert one(warnings, "not writable") == f"exp: {unwritable} is not writable (got '{unwritable / 'exp' / 'tiny'}')"
+
+
+# --------------------------------------------------------------------------- launch
+
+
+@pytest.mark.parametrize("endpoint", ["node0", "node0:", ":29400", "node0:70000", "node 0:29400", "node0:29400:1"])
+def test_bad_endpoint(endpoint, exp_root):
+    problems = config_problems("tiny", rdzv_endpoint=endpoint)
+    assert one(problems, "rdzv_endpoint") == (
+        f"launch.rdzv_endpoint: must be HOST:PORT with a port in 1-65535 (got {endpoint!r})")
+
+
+@pytest.mark.parametrize("endpoint,expected", [
+    ("node0:29400", ("node0", 29400)), ("10.0.0.1:1", ("10.0.0.1", 1)), ("[fe80::1]:29400", ("[fe80::1]", 29400)),
+    ("node-0.cluster.local:65535", ("node-0.cluster.local", 65535)),
+])
+def test_good_endpoints_parse(endpoint, expected):
+    assert parse_endpoint(endpoint) == expected
+
+
+def test_nnodes_zero(exp_root):
+    problems = config_problems("tiny", nnodes=0)
+    assert one(problems, "launch.nnodes") == "launch.nnodes: must be >= 1 (got 0)"
+
+
+def test_nproc_per_node_zero(exp_root):
+    problems = config_problems("tiny", nproc_per_node=0)
+    assert one(problems, "launch.nproc_per_node") == "launch.nproc_per_node: must be >= 1 (got 0)"
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
+def test_loopback_endpoint_with_several_nodes(host, exp_root):
+    problems = config_problems("7b", nnodes=2, rdzv_endpoint=f"{host}:29400")
+    text = one(problems, "loopback")
+    assert text.startswith("launch.rdzv_endpoint: is a loopback address but nnodes=2")
+    assert "give the first node's hostname or IP" in text
+    # one node on loopback is fine
+    plan_run(LaunchRequest(recipe="7b", nnodes=1, rdzv_endpoint=f"{host}:29400", dry_run=True))
+
+
+# --------------------------------------------------------------------------- recipe files and --set
+
+
+def test_unknown_key_with_suggestion(tmp_path, exp_root):
+    path = write_recipe(tmp_path, "extends: tiny\nparallel:\n  tensor_paralel: 2\n")
+    problems = config_problems(path)
+    text = one(problems, "tensor_paralel")
+    assert text.startswith("parallel.tensor_paralel: unknown key; did you mean 'tensor_parallel'? valid keys: ")
+
+
+def test_unknown_top_level_key(tmp_path, exp_root):
+    path = write_recipe(tmp_path, "extends: tiny\nschedul:\n  lr: 1.0e-3\n")
+    assert "did you mean 'schedule'?" in one(config_problems(path), "schedul:")
+
+
+def test_wrong_type(tmp_path, exp_root):
+    path = write_recipe(tmp_path, "extends: tiny\nparallel:\n  global_batch_size: many\n"
+                                  "parallel_extra: 1\nlogging:\n  tensorboard: maybe\n")
+    problems = config_problems(path)
+    assert one(problems, "global_batch_size") == "parallel.global_batch_size: expected an integer (got 'many')"
+    assert one(problems, "tensorboard") == "logging.tensorboard: expected true or false (got 'maybe')"
+    assert "unknown key" in one(problems, "parallel_extra")
+
+
+def test_wrong_type_from_set(exp_root):
+    problems = config_problems("tiny", "schedule.lr=fast")
+    assert one(problems, "schedule.lr") == "schedule.lr: expected a number (got 'fast')"
+
+
+@pytest.mark.parametrize("text,where", [
+    ("name: x\nmodel:\n  num_layers: 2\n   hidden_size: 3\n", "line 4, column 15"),
+    ("name: x\nparallel:\n  tensor_parallel: 2\n\tcontext_parallel: 1\n", "line 4, column 1"),
+])
+def test_yaml_syntax_error_has_line_and_column(text, where, tmp_path, exp_root):
+    path = write_recipe(tmp_path, text)
+    with pytest.raises(RecipeError) as info:
+        plan_run(LaunchRequest(recipe=path, dry_run=True))
+    (problem,) = info.value.problems
+    assert str(problem).startswith(f"{path}: YAML syntax error at {where}: ")
+
+
+def test_yaml_syntax_error_in_an_extended_recipe(tmp_path, exp_root):
+    write_recipe(tmp_path, "name: base\nmodel: [\n", "base.yaml")
+    path = write_recipe(tmp_path, "extends: base.yaml\nname: child\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "base.yaml: YAML syntax error at line 3" in str(info.value.problems[0])
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(RecipeError) as info:
+        plan_run(LaunchRequest(recipe="7bb", dry_run=True))
+    (problem,) = info.value.problems
+    assert str(problem).startswith("recipe: unknown recipe (shipped: ")
+    assert "did you mean '7b'?" in str(problem)
+    assert "(got '7bb')" in str(problem)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(str(tmp_path / "nope.yaml"))
+    assert "file not found" in str(info.value.problems[0])
+
+
+def test_set_on_nonexistent_key(exp_root):
+    problems = config_problems("tiny", "parallel.tensor_paralel=2")
+    text = one(problems, "tensor_paralel")
+    assert text.startswith("--set parallel.tensor_paralel: no key 'tensor_paralel' in parallel; "
+                           "did you mean 'tensor_parallel'?")
+
+
+def test_set_on_nonexistent_section(exp_root):
+    assert "no key 'paralel' in recipe; did you mean 'parallel'?" in one(config_problems("tiny", "paralel.x=1"), "paralel")
+
+
+def test_set_without_equals(exp_root):
+    assert "expected SECTION.KEY=VALUE" in one(config_problems("tiny", "parallel.tensor_parallel"), "--set")
+
+
+def test_set_env_variable(exp_root):
+    plan = plan_run(LaunchRequest(recipe="tiny", sets=["env.NCCL_DEBUG=INFO"], dry_run=True), environ={})
+    assert plan.env["NCCL_DEBUG"] == "INFO"
+
+
+def test_decay_recipe_refused_by_train(exp_root):
+    problems = config_problems("7b-decay")
+    assert "is a decay recipe: run it with `infir2 decay --recipe 7b-decay --load iter_NNNNNNN`" in one(
+        problems, "decay recipe")
+
+
+def test_decay_load_must_name_an_iteration(exp_root):
+    problems = config_problems("7b", decay_load="checkpoints")
+    assert "is not an iteration" in one(problems, "--load")
+
+
+# --------------------------------------------------------------------------- everything at once
+
+
+def test_all_problems_reported_together(exp_root):
+    problems = config_problems("tiny", "schedule.train_iters=50", "parallel.sequence_parallel=true",
+                               rdzv_endpoint="nohost")
+    assert len(problems) == 3, problems
+    assert [p.split(":")[0] for p in problems] == ["parallel.sequence_parallel", "schedule", "launch.rdzv_endpoint"]
+
+
+def test_type_problems_and_rule_problems_together(tmp_path, exp_root):
+    """A key with a wrong type keeps its default, so the other rules still run and report."""
+    path = write_recipe(tmp_path, "extends: tiny\nparallel:\n  micro_batch_size: big\n  sequence_parallel: true\n"
+                                  "schedule:\n  train_iters: 50\nlaunch:\n  nnodes: 0\n")
+    problems = config_problems(path)
+    assert len(problems) == 4, problems
+    for text in ("expected an integer", "needs tensor_parallel > 1", "exceeds train_iters", "launch.nnodes"):
+        one(problems, text)
+
+
+def test_config_and_machine_problems_separated(exp_root, tmp_path):
+    """In a dry run only the configuration problems are fatal; the machine ones are listed as warnings."""
+    missing = tmp_path / "absent"
+    req = LaunchRequest(recipe="tiny", sets=["schedule.train_iters=50", "data.mock=false",
+                                             f"data.blend=[{{path: '{missing}'}}]"], dry_run=True)
+    with pytest.raises(LaunchError) as info:
+        plan_run(req, environ=NO_GPU_PROBE)
+    assert [p.key for p in info.value.problems] == ["schedule"]
+    assert [p.key for p in info.value.warnings if p.key.startswith("data")] == ["data.blend[0].path"]
