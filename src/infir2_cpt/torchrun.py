@@ -44,15 +44,30 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 
+    from .rendezvous import EXIT_RENDEZVOUS, before_torchrun, explain_failure
+
     _install_graceful_close(int(os.environ.get(GRACE_ENV, DEFAULT_GRACE_SECONDS)))
+    args = sys.argv[1:] if argv is None else argv
+    rdzv = None
     try:
-        torchrun_main(sys.argv[1:] if argv is None else argv)
+        rdzv = before_torchrun(args)  # multi-node: wait (bounded by join_timeout) for the first node's store
+        torchrun_main(args)
     except SignalException as exc:
         if _StopOutcome.workers_exited_cleanly:
             print(f"infir2.torchrun: stopped by {signal.Signals(exc.sigval).name}; all workers exited cleanly",
                   file=sys.stderr, flush=True)
             sys.exit(0)
         sys.exit(128 + int(exc.sigval))
+    except Exception as exc:  # a failed rendezvous: one line saying what to check, not a traceback
+        message = explain_failure(exc, rdzv)
+        if message is None:
+            raise
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(EXIT_RENDEZVOUS)
+    finally:  # the workers are gone: give up the experiment lock the launcher took (locking.py)
+        from .locking import release_at_exit
+
+        release_at_exit()
 
 
 if __name__ == "__main__":
