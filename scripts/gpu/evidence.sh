@@ -62,7 +62,7 @@ step_resume() {  # issue 4: SIGKILL the whole process group past two saves, re-r
   local cmd=(infir2 train --recipe tiny --exp tiny-resume --rdzv-endpoint localhost:29504)
   local pid; pid=$(CUDA_VISIBLE_DEVICES=0 start_bg "$EV/resume-1.out" "${cmd[@]}")
   local at; at=$(wait_iter tiny-resume 215 "$pid"); log "resume: at iteration $at, SIGKILL to process group $pid"
-  kill -KILL -- "-$pid"; sleep 3
+  kill -KILL -- "-$pid"; sleep 10  # DataLoader workers notice their parent died within ~5 s
   log "workers still alive after the kill: $(pgrep -fc 'infir2_cpt.entry' || true)"
   ls "$INFIR2_EXP_ROOT/tiny-resume/checkpoints" | tee -a "$OUT/steps.txt"
   log "resume: same command again"
@@ -77,7 +77,7 @@ step_decay() {  # issue 4: decay from a stable checkpoint, killed and re-run
   cmd+=(--set stable_name=tiny-resume)
   local pid; pid=$(CUDA_VISIBLE_DEVICES=0 start_bg "$EV/decay-1.out" "${cmd[@]}")
   local at; at=$(wait_iter tiny-resume_decay 245 "$pid"); log "decay: at iteration $at, SIGKILL to process group $pid"
-  kill -KILL -- "-$pid"; sleep 3
+  kill -KILL -- "-$pid"; sleep 10  # DataLoader workers notice their parent died within ~5 s
   log "workers still alive after the kill: $(pgrep -fc 'infir2_cpt.entry' || true)"
   ls "$INFIR2_EXP_ROOT/tiny-resume_decay/checkpoints" | tee -a "$OUT/steps.txt"
   log "decay: same command again"
