@@ -97,6 +97,22 @@ step_sigterm() {  # issue 8: SIGTERM to `infir2 train` mid-run: checkpoint at th
   CUDA_VISIBLE_DEVICES=1 timeout 400 "${cmd[@]}" >"$EV/term-2.out" 2>&1; log "sigterm: second run exit $?"
 }
 
+step_data() {  # issue 5: the tiny recipe on a dataset made by `infir2 prepare-data` (toy corpus + toy tokenizer)
+  log "data: corpus, tokenizer, prepare-data"
+  local d=$EV/data
+  mkdir -p "$d"
+  python3 scripts/make_toy_corpus.py --output "$d/toy.jsonl" --size-mb 40 --tokenizer-dir "$d/toy-tokenizer" \
+    --vocab-size 32000 --tokenizer-sample-mb 10 2>&1 | tail -n 3 | tee -a "$OUT/steps.txt"
+  infir2 prepare-data --input "$d/toy.jsonl" --tokenizer "$d/toy-tokenizer" --output-prefix "$d/toy" --workers 8 \
+    2>&1 | tail -n 4 | tee -a "$OUT/steps.txt"
+  infir2 inspect-data "$d/toy_text_document" --tokenizer "$d/toy-tokenizer" --n 1 2>&1 | head -n 12 | tee -a "$OUT/steps.txt"
+  log "data: tiny on the prepared data"
+  CUDA_VISIBLE_DEVICES=${DATA_GPU:-1} timeout 400 infir2 train --recipe tiny --exp tiny-data --rdzv-endpoint localhost:29507 \
+    --set data.mock=false --set "data.blend=[{path: $d/toy_text_document, weight: 1.0}]" --set data.split=98,2,0 \
+    --set tokenizer.type=HuggingFaceTokenizer --set "tokenizer.model=$d/toy-tokenizer" >"$EV/data.out" 2>&1
+  log "data: exit $?"
+}
+
 step_gputests() {
   log "pytest tests/gpu"
   timeout 500 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -n 15 | tee -a "$OUT/steps.txt"
@@ -114,6 +130,11 @@ collect() {
     | sort >"$OUT/checkpoints.txt"
 }
 
-for step in "$@"; do "step_$step"; done
+for step in "$@"; do
+  case $step in
+    *+*) for s in ${step//+/ }; do "step_$s" & done; wait ;;  # a+b: run side by side (different GPUs)
+    *) "step_$step" ;;
+  esac
+done
 collect
 log "done"
