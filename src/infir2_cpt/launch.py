@@ -316,7 +316,7 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     if ENTRY_ENV not in environ:
         findings.extend(check_gpu(recipe))
     env, env_report = resolve_env(recipe, environ)
-    if recipe.launch.nnodes > 1:  # issue 9: what a multi-node launch waits for, and for how long
+    if recipe.launch.nnodes > 1:  # say what a multi-node launch waits for, and for how long
         notes.append(f"multi-node: {recipe.launch.nnodes} nodes x {recipe.launch.nproc_per_node} processes meet at "
                      f"{recipe.launch.rdzv_endpoint} (rendezvous id {rendezvous_id(recipe)}); run this same command "
                      f"on every node; a node missing after {recipe.launch.join_timeout} s (launch.join_timeout) "
