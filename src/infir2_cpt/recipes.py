@@ -163,7 +163,8 @@ class LaunchConfig:
         "Wall-clock budget: save and exit cleanly after this many minutes (for batch schedulers).", default=None)
     max_restarts: int = doc("torchrun worker-group restarts on failure.", default=0)
     stop_grace_seconds: int = doc(
-        "On SIGTERM/SIGINT the workers save a checkpoint and exit; they are killed only after this many seconds.",
+        "On SIGTERM/SIGINT the workers save a checkpoint and exit; they are killed only after this many seconds "
+        "(at least torchrun's own 30).",
         default=900)
 
 

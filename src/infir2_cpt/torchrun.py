@@ -7,7 +7,10 @@ KeyboardInterrupt instead of saving; and a scheduler reads the non-zero exit as 
 - SIGINT and SIGHUP are forwarded to the workers as SIGTERM, so every stop is a save-and-exit;
 - the workers get INFIR2_STOP_GRACE_SECONDS (recipe key launch.stop_grace_seconds) to finish;
 - when every worker then exited 0, so does this process.
-Everything else is torch.distributed.run itself.
+Two more things happen around torch.distributed.run itself: on several nodes, a node that does not host the
+rendezvous first waits (at most launch.join_timeout) for the first node (rendezvous.py), and a failed
+rendezvous is reported in one line; when torchrun ends, the experiment lock the launcher took is released
+(locking.py).
 """
 
 from __future__ import annotations
