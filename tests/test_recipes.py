@@ -182,3 +182,15 @@ def test_readme_has_the_required_sections():
 def test_recipes_raw_descriptions_match_the_list_command():
     for name in shipped_recipe_names():
         assert load_raw(name).get("description")
+
+
+def test_recipe_reference_in_docs_is_generated_from_the_schema() -> None:
+    """docs/recipes.md's reference section is exactly what scripts/gen_recipe_docs.py prints today."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "scripts" / "gen_recipe_docs.py"), "--check"],
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
