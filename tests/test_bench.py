@@ -1,0 +1,682 @@
+"""`infir2 bench` (issue 7) on the CPU: variants -> recipe overrides -> the exact Megatron arguments (infir2's
+planner and Megatron's own parser), Megatron's log lines -> the table, the FLOP formula against Megatron's
+num_floating_point_operations, MFU and ratios, the JSON/PNG outputs, the profiler-trace breakdown, and the
+whole orchestration end to end with a stand-in for the Megatron entry (tests/workers/fake_megatron.py)
+started by the real launcher and torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from infir2_cpt import bench
+from infir2_cpt.bench import (BenchError, BenchRequest, ModelShape, Variant, VariantResult, classify_kernel,
+                              flops_per_sequence, gpu_peak, model_flops, parse_variant_spec, plan_bench, ratios,
+                              trace_breakdown, variant_metrics)
+from infir2_cpt.runlog import parse_log
+from infir2_cpt.wheel_workarounds import adjust_megatron_argv
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_ENTRY = REPO / "tests" / "workers" / "fake_megatron.py"
+
+
+def _value(argv: list[str], flag: str) -> str:
+    """The value of the last occurrence of `flag` (argparse: last one wins)."""
+    index = len(argv) - 1 - argv[::-1].index(flag)
+    return argv[index + 1]
+
+
+def _plan(exp_root: Path, **kwargs) -> bench.BenchPlan:
+    kwargs.setdefault("dry_run", True)
+    return plan_bench(BenchRequest(**kwargs), environ={**os.environ, "INFIR2_EXP_ROOT": str(exp_root)})
+
+
+def _by_name(plan: bench.BenchPlan) -> dict[str, bench.VariantPlan]:
+    return {vp.name: vp for vp in plan.variants}
+
+
+# --------------------------------------------------------------------------- variants -> Megatron arguments
+
+
+def test_7b_issue_shape_gives_the_expected_megatron_arguments(exp_root):
+    plan = _plan(exp_root, recipe="7b", layers=8, seq=8192, exp_name="bench-t")
+    variants = _by_name(plan)
+    assert list(variants) == ["bf16", "fp8-blockwise", "fp8-tensorwise"]
+    assert plan.root == exp_root / "bench-t" and plan.train_iters == 25 and plan.steps == 20
+    for name, vp in variants.items():
+        argv = vp.launch.megatron_args
+        assert vp.launch.paths.root == exp_root / "bench-t" / name
+        assert vp.launch.recipe.name == name
+        # the shape: 7B's layer, 8 of them, 8192 tokens, Qwen2.5's vocabulary in 152064 rows
+        for flag, value in (("--num-layers", "8"), ("--hidden-size", "3584"), ("--ffn-hidden-size", "18944"),
+                            ("--num-attention-heads", "28"), ("--num-query-groups", "4"), ("--seq-length", "8192"),
+                            ("--max-position-embeddings", "8192"), ("--vocab-size", "151665"),
+                            ("--padded-vocab-size", "152064"), ("--tensor-model-parallel-size", "1"),
+                            ("--micro-batch-size", "1"), ("--global-batch-size", "8"), ("--train-iters", "25"),
+                            ("--eval-iters", "0"), ("--log-interval", "1"), ("--log-memory-interval", "25"),
+                            ("--tokenizer-type", "NullTokenizer")):
+            assert _value(argv, flag) == value, (name, flag)
+        assert "--mock-data" in argv and "--data-path" not in argv and "--tokenizer-model" not in argv
+        assert "--sequence-parallel" not in argv  # TP 1 on one GPU
+        assert _value(argv, "--save") == ""  # no checkpoint at all, not even Megatron's final one
+        assert "--pretrained-checkpoint" not in argv and "--exit-on-missing-checkpoint" not in argv
+        assert "--wandb-project" not in argv and "--log-params-norm" not in argv
+        assert "--log-num-zeros-in-grad" not in argv and "--profile" not in argv
+        assert "--log-throughput" in argv and "--bf16" in argv
+        assert vp.launch.recipe.launch.nproc_per_node == 1 and vp.world_size == 1
+        assert vp.tokens_per_iteration == 8 * 8192
+    bf16, block, tensor = (variants[n].launch.megatron_args for n in ("bf16", "fp8-blockwise", "fp8-tensorwise"))
+    assert "--fp8-format" not in bf16 and "--fp8-recipe" not in bf16 and "--fp8-param-gather" not in bf16
+    assert "--use-precision-aware-optimizer" in bf16  # BF16 keeps the recipe's optimizer
+    assert _value(block, "--fp8-format") == "e4m3" and _value(block, "--fp8-recipe") == "blockwise"
+    assert "--fp8-param-gather" in block and "--use-precision-aware-optimizer" in block
+    assert _value(tensor, "--fp8-recipe") == "tensorwise" and "--fp8-param-gather" in tensor
+    assert variants["bf16"].fp8 is None and variants["fp8-blockwise"].fp8 == "blockwise"
+
+
+def test_child_command_is_infir2_train_with_the_same_overrides(exp_root):
+    plan = _plan(exp_root, recipe="7b", layers=8, seq=8192, variants=["fp8-blockwise"], sets=["data.num_workers=4"])
+    vp = plan.variants[0]
+    cmd = bench.child_command(plan.request, vp, 29555)
+    assert cmd[:5] == [sys.executable, "-m", "infir2_cpt.cli", "train", "--recipe"]
+    assert cmd[cmd.index("--exp") + 1] == "fp8-blockwise"
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "localhost:29555"
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert sets == vp.sets
+    assert "data.num_workers=2" not in sets  # a key the user sets is left to the user ...
+    assert sets.index("precision.fp8=blockwise") > sets.index("data.num_workers=4")  # ... and the variant's come last
+    assert cmd[cmd.index("--") + 1:] == vp.extra_args == ["--save", "", "--log-memory-interval", "25"]
+    text = bench.describe_plan(plan)
+    assert "--set precision.fp8=blockwise" in text and "-m infir2_cpt.entry" in text
+
+
+@pytest.fixture(scope="module")
+def megatron_arguments():
+    return pytest.importorskip("megatron.training.arguments")
+
+
+@pytest.fixture
+def megatron_parse(megatron_arguments, monkeypatch):
+    """Megatron's own parser and validate_args, as the training loop would see the arguments (CPU: the
+    GPU-architecture probe is patched; rank and world size set as torchrun would)."""
+    monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def parse(argv: list[str], world_size: int = 1) -> argparse.Namespace:
+        parser = megatron_arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+        args = parser.parse_args(argv)
+        args.rank, args.world_size = 0, world_size
+        megatron_arguments.validate_args(args, {})
+        return args
+
+    return parse
+
+
+def test_megatron_parser_accepts_the_fp8_blockwise_bench_run(exp_root, megatron_parse):
+    vp = _by_name(_plan(exp_root, recipe="7b", layers=8, seq=8192))["fp8-blockwise"]
+    argv, _ = adjust_megatron_argv(vp.launch.megatron_args, apex_available=False)  # what the entry passes on
+    args = megatron_parse(argv)
+    assert args.fp8 == "e4m3" and args.fp8_recipe == "blockwise" and args.fp8_param_gather
+    assert args.use_precision_aware_optimizer and args.use_distributed_optimizer and args.bf16
+    assert (args.num_layers, args.hidden_size, args.seq_length) == (8, 3584, 8192)
+    assert (args.padded_vocab_size, args.vocab_size) == (152064, 151665)
+    assert args.tensor_model_parallel_size == 1 and not args.sequence_parallel
+    assert (args.micro_batch_size, args.global_batch_size, args.data_parallel_size) == (1, 8, 1)
+    assert args.train_iters == 25 and args.eval_iters == 0 and args.log_interval == 1
+    assert args.mock_data and args.tokenizer_type == "NullTokenizer"
+    assert args.save == "" and args.save_interval > 0  # saving off; validate_args still satisfied
+    assert args.log_memory_interval == 25 and args.log_throughput
+    assert args.wandb_project is None and not args.log_params_norm and not args.profile
+
+
+def test_megatron_parser_accepts_the_profiled_bf16_run(exp_root, megatron_parse):
+    plan = _plan(exp_root, recipe="1.5b", seq=8192, nproc_per_node=2, variants=["bf16"], profile=True)
+    vp = plan.variants[0]
+    args = megatron_parse(adjust_megatron_argv(vp.launch.megatron_args, apex_available=False)[0], world_size=2)
+    assert args.fp8 is None and args.tensor_model_parallel_size == 2 and args.sequence_parallel
+    assert args.profile and args.use_pytorch_profiler and args.profile_ranks == [0]
+    assert (args.profile_step_start, args.profile_step_end) == (5, 8) and args.train_iters == 25
+    assert not args.record_memory_history  # the recipe's profile switch also records memory history: not here
+
+
+def test_no_checkpoint_is_written_megatron_config(exp_root, tmp_path):
+    """Megatron's config container (what pretrain() reads) carries an empty save directory, so both the
+    interval saves (`if args.save and ...`) and the final save (`cfg.checkpoint.save and iteration %
+    save_interval != 0`) are off. Run in a child process: Megatron's global state is set once per process."""
+    vp = _by_name(_plan(exp_root, recipe="tiny", variants=["bf16-nopao"]))["bf16-nopao"]
+    argv, _ = adjust_megatron_argv(vp.launch.megatron_args + ["--no-rope-fusion", "--transformer-impl", "local"],
+                                   apex_available=False)  # no TE on the CPU
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.argv = ["entry"] + {argv!r}
+        from megatron.training.arguments import parse_and_validate_args
+        from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+        args = parse_and_validate_args()
+        cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+        print(json.dumps({{"save": cfg.checkpoint.save, "interval": cfg.checkpoint.save_interval,
+                           "skip_train": cfg.validation.skip_train}}))
+    """)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["save"] == "" and not result["skip_train"] and result["interval"] == 100
+
+
+def test_fidelity_uses_the_dataset_tokenizer_seed_and_recipe_schedule(exp_root, tmp_path):
+    prefix = tmp_path / "toy_text_document"
+    for suffix in (".bin", ".idx"):
+        Path(str(prefix) + suffix).write_bytes(b"")
+    (tmp_path / "tok").mkdir()
+    plan = _plan(exp_root, recipe="tiny", fidelity=True, data=str(prefix), tokenizer=str(tmp_path / "tok"), seed=7)
+    assert plan.mode == "fidelity" and plan.train_iters == 500 and [v.name for v in plan.variants] == ["bf16", "fp8-blockwise"]
+    for vp in plan.variants:
+        argv = vp.launch.megatron_args
+        assert _value(argv, "--data-path") == str(prefix) and "--mock-data" not in argv
+        assert _value(argv, "--tokenizer-type") == "HuggingFaceTokenizer"
+        assert _value(argv, "--tokenizer-model") == str(tmp_path / "tok")
+        assert _value(argv, "--seed") == "7" and _value(argv, "--train-iters") == "500"
+        assert _value(argv, "--lr-warmup-iters") == "30" and _value(argv, "--lr-wsd-decay-iters") == "60"  # tiny's
+        assert _value(argv, "--global-batch-size") == "16" and _value(argv, "--seq-length") == "1024"
+        assert _value(argv, "--save") == ""
+    short = _plan(exp_root, recipe="tiny", fidelity=True, data=str(prefix), tokenizer=str(tmp_path / "tok"), steps=50)
+    argv = short.variants[0].launch.megatron_args
+    assert (_value(argv, "--lr-warmup-iters"), _value(argv, "--lr-wsd-decay-iters")) == ("5", "10")
+
+
+def test_multi_gpu_bench_keeps_tensor_parallel_and_scales_the_batch(exp_root):
+    plan = _plan(exp_root, recipe="7b", layers=8, seq=8192, nproc_per_node=8, micro_batch=2)
+    argv = plan.variants[0].launch.megatron_args
+    assert _value(argv, "--tensor-model-parallel-size") == "4" and "--sequence-parallel" in argv
+    assert _value(argv, "--global-batch-size") == str(2 * 2 * 8)  # micro 2 x DP 2 x 8 micro-batches
+    assert plan.variants[0].world_size == 8
+
+
+def test_invalid_requests_report_every_problem(exp_root):
+    with pytest.raises(BenchError) as err:
+        _plan(exp_root, recipe="7b", tensor_parallel=3, variants=["bf16", "nope"], variant_specs=["bad name:x"])
+    text = str(err.value)
+    assert "unknown variant" in text and "'nope'" in text
+    assert "NAME must be one folder name" in text and "item 'x'" in text
+    assert "[bf16] parallel.tensor_parallel: must divide model.num_attention_heads=28" in text
+    with pytest.raises(BenchError) as err:
+        _plan(exp_root, recipe="tiny", steps=0, warmup_steps=-1, fidelity=True)
+    keys = [p.key for p in err.value.problems]
+    assert {"--steps", "--warmup-steps", "--data", "--tokenizer"} <= set(keys)
+    with pytest.raises(BenchError) as err:
+        _plan(exp_root, recipe="tiny", data="/x")
+    assert [p.key for p in err.value.problems] == ["--data"]
+    with pytest.raises(BenchError) as err:  # a variant's own override that infir2's validation refuses
+        _plan(exp_root, recipe="tiny", variants=[], variant_specs=["odd:parallel.micro_batch_size=3"])
+    assert "[odd] parallel.global_batch_size: must be a multiple of micro_batch_size" in str(err.value)
+
+
+def test_existing_experiment_folder_is_refused_for_a_real_run(exp_root):
+    (exp_root / "bench-x" / "bf16").mkdir(parents=True)
+    with pytest.raises(BenchError) as err:
+        plan_bench(BenchRequest(recipe="tiny", exp_name="bench-x", variants=["bf16"]),
+                   environ={**os.environ, "INFIR2_ENTRY": str(FAKE_ENTRY)})
+    assert "already exists" in str(err.value)
+
+
+CANDIDATES = REPO / "scripts" / "gpu" / "bench_candidates.yaml"
+
+
+@pytest.mark.parametrize("recipe,seq", [("7b", 8192), ("1.5b", 8192)])
+def test_candidate_variants_pass_megatron_validation(recipe, seq, exp_root, megatron_parse):
+    """Every candidate the lead will time on the GPU (docs/benchmarks.md) is a valid run: none wastes GPU time
+    on a parse error."""
+    names = [v.name for v in bench.load_variants_file(CANDIDATES, bench.BUILTIN_VARIANTS)]
+    plan = _plan(exp_root, recipe=recipe, layers=8 if recipe == "7b" else None, seq=seq,
+                 variants_file=str(CANDIDATES), variants=["bf16", "fp8-blockwise", *names])
+    assert len(plan.variants) == len(names) + 2
+    for vp in plan.variants:
+        args = megatron_parse(adjust_megatron_argv(vp.launch.megatron_args, apex_available=False)[0])
+        assert args.save == "" and args.seq_length == seq and args.global_batch_size == 8, vp.name
+        assert (args.fp8 is None) == vp.name.startswith("bf16"), vp.name
+    by = _by_name(plan)
+    assert "--cross-entropy-loss-fusion" in by["fp8-ce-mbs2"].launch.megatron_args
+    assert _value(by["fp8-ce-mbs2"].launch.megatron_args, "--micro-batch-size") == "2"
+    assert _value(by["bf16-ce-bf16states"].launch.megatron_args, "--exp-avg-dtype") == "bf16"
+
+
+# --------------------------------------------------------------------------- --variant and --variants-file
+
+
+def test_variant_spec_items():
+    known = dict(bench.BUILTIN_VARIANTS)
+    v = parse_variant_spec("name=fp8-mbs2:precision.fp8=blockwise,parallel.micro_batch_size=2", known)
+    assert v == Variant("fp8-mbs2", ("precision.fp8=blockwise", "parallel.micro_batch_size=2"), (),
+                        "precision.fp8=blockwise, parallel.micro_batch_size=2")
+    v = parse_variant_spec("ce:base=fp8-blockwise,parallel.cross_entropy_fusion=native,data.split=98,2,0,"
+                           "--manual-gc,--manual-gc-interval=100", known)
+    assert v.sets == (*bench.BUILTIN_VARIANTS["fp8-blockwise"].sets, "parallel.cross_entropy_fusion=native",
+                      "data.split=98,2,0")
+    assert v.extra_args == ("--manual-gc", "--manual-gc-interval=100")
+    assert v.description.startswith("fp8-blockwise + ")
+    assert parse_variant_spec("plain", known) == Variant("plain", (), (), "the recipe as is")
+    with pytest.raises(BenchError) as err:
+        parse_variant_spec("bad name:base=nope", known)
+    assert len(err.value.problems) == 2
+
+
+def test_variants_file(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text(textwrap.dedent("""
+        variants:
+          fp8-ce:
+            base: fp8-blockwise
+            set: {parallel.cross_entropy_fusion: native}
+          fp8-ce-gc:
+            base: fp8-ce
+            set: ["parallel.micro_batch_size=2"]
+            args: ["--manual-gc", "--manual-gc-interval", "100"]
+            description: CE fusion, micro batch 2, manual GC
+    """))
+    out = bench.load_variants_file(path, bench.BUILTIN_VARIANTS)
+    assert [v.name for v in out] == ["fp8-ce", "fp8-ce-gc"]
+    assert out[0].sets[-1] == 'parallel.cross_entropy_fusion="native"'
+    assert out[1].sets[-2:] == ('parallel.cross_entropy_fusion="native"', "parallel.micro_batch_size=2")
+    assert out[1].extra_args == ("--manual-gc", "--manual-gc-interval", "100")
+    assert out[1].description == "CE fusion, micro batch 2, manual GC"
+    chosen = bench.select_variants(["bf16", "fp8-ce-gc"], definitions=out)  # a file's variant runs when named
+    assert [v.name for v in chosen] == ["bf16", "fp8-ce-gc"]
+    spec = parse_variant_spec("cli:base=fp8-ce", {**bench.BUILTIN_VARIANTS, **{v.name: v for v in out}})
+    chosen = bench.select_variants(["fp8-ce"], always=[spec], definitions=out)  # a --variant always runs
+    assert [v.name for v in chosen] == ["fp8-ce", "cli"]
+    (tmp_path / "bad.yaml").write_text("variants: {x: {base: nope}, y: {sett: 1}}")
+    with pytest.raises(BenchError) as err:
+        bench.load_variants_file(tmp_path / "bad.yaml", bench.BUILTIN_VARIANTS)
+    assert len(err.value.problems) == 2
+
+
+def test_variants_file_without_variants_runs_defaults_and_the_whole_file(exp_root, tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("variants:\n  fp8-ce: {base: fp8-blockwise, set: [parallel.cross_entropy_fusion=native]}\n")
+    plan = _plan(exp_root, recipe="tiny", variants_file=str(path))
+    assert [v.name for v in plan.variants] == ["bf16", "fp8-blockwise", "fp8-tensorwise", "fp8-ce"]
+    plan = _plan(exp_root, recipe="tiny", variants_file=str(path), variants=["bf16", "fp8-ce"])
+    assert [v.name for v in plan.variants] == ["bf16", "fp8-ce"]
+    assert "--cross-entropy-loss-fusion" in plan.variants[1].launch.megatron_args
+
+
+# --------------------------------------------------------------------------- Megatron's log -> figures
+
+# Lines as megatron/training/training.py training_log and utils/common_utils.py report_memory print them
+# (log_interval 1, --log-throughput), with the noise around them.
+MEGATRON_LOG = """\
+ > padded vocab (size: 151665) with 399 dummy tokens (new size: 152064)
+[after dataloaders are built] datetime: 2026-11-28 12:00:01
+Theoretical memory footprints: weight and optimizer=52123.45 MB
+ [2026-11-28 12:00:10.000001] iteration        1/      12 | consumed samples:            8 | elapsed time per iteration (ms): 9123.4 | throughput per GPU (TFLOP/s/GPU): 114.0 | learning rate: 2.000000E-05 | global batch size:     8 | lm loss: 1.193000E+01 | loss scale: 1.0 | grad norm: 7.501 | number of skipped iterations:   0 | number of nan iterations:   0 |
+[Rank 0] (after 1 iterations) memory (MB) | allocated: 30000.00 | max allocated: 60000.00 | reserved: 62000.00 | max reserved: 62000.00
+ [2026-11-28 12:00:12.000001] iteration        2/      12 | consumed samples:           16 | elapsed time per iteration (ms): 5000.0 | throughput per GPU (TFLOP/s/GPU): 208.0 | learning rate: 4.000000E-05 | global batch size:     8 | lm loss: 1.180000E+01 | loss scale: 1.0 | grad norm: 6.000 | number of skipped iterations:   0 | number of nan iterations:   0 |
+[Rank 0] (after 2 iterations) memory (MB) | allocated: 40000.00 | max allocated: 69000.00 | reserved: 71000.00 | max reserved: 71000.00
+"""
+for _i, _ms in zip(range(3, 13), (1990.0, 1986.0, 1988.0, 2100.0, 1987.0, 1989.0, 1988.0, 1985.0, 1991.0, 1988.0)):
+    MEGATRON_LOG += (f" [2026-11-28 12:00:{10 + _i}.000001] iteration {_i:8d}/      12 | consumed samples: {8 * _i:12d} |"
+                     f" elapsed time per iteration (ms): {_ms:.1f} | throughput per GPU (TFLOP/s/GPU): "
+                     f"{1039.760042754048e12 / (_ms / 1000) / 1e12:.1f} | learning rate: 1.000000E-04 |"
+                     f" global batch size:     8 | lm loss: {11.9 - 0.1 * _i:.6E} | loss scale: 1.0 |"
+                     f" grad norm: 2.000 | number of skipped iterations:   0 | number of nan iterations:   0 |\n")
+MEGATRON_LOG += """\
+[Rank 0] (after 12 iterations) memory (MB) | allocated: 40000.00 | max allocated: 69530.50 | reserved: 71000.00 | max reserved: 72482.00
+[after training is done] datetime: 2026-11-28 12:00:40
+"""
+
+
+def test_metrics_from_megatron_log_lines():
+    log = parse_log(MEGATRON_LOG)
+    assert len(log.iterations) == 12 and log.saved == []
+    assert bench.padded_vocab_from_log(MEGATRON_LOG) == 152064
+    shape = ModelShape(8, 3584, 18944, 28, 4, 8192, 152064)
+    flops = model_flops(shape, 8)
+    m = variant_metrics(log, warmup_steps=2, tokens_per_iteration=8 * 8192, world_size=1,
+                        flops_per_iteration=flops, peak_tflops=989.0, loss_window=5)
+    assert m["timed_iterations"] == 10  # iterations 1 and 2 (compilation, Megatron's averaged 2nd line) left out
+    assert m["step_ms"] == 1988.0 and m["step_ms_max"] == 2100.0 and m["step_ms_min"] == 1985.0
+    assert m["tokens_per_s_per_gpu"] == pytest.approx(8 * 8192 / 1.988)
+    assert m["model_tflops_per_gpu"] == pytest.approx(flops / 1.988 / 1e12)
+    assert m["model_tflops_per_gpu"] == pytest.approx(523.0, abs=0.1)  # the GPU probe's BF16 figure at 1988 ms
+    assert m["megatron_tflops_per_gpu"] == pytest.approx(523.0, abs=0.1)
+    assert m["mfu"] == pytest.approx(m["model_tflops_per_gpu"] / 989.0)
+    assert m["max_allocated_gib"] == pytest.approx(69530.5 / 1024)  # the largest report, at the end of the run
+    assert m["max_reserved_gib"] == pytest.approx(72482.0 / 1024)
+    assert m["first_loss"] == pytest.approx(11.93) and m["final_loss"] == pytest.approx(10.7)
+    assert m["final_loss_window"] == pytest.approx(sum(11.9 - 0.1 * i for i in range(8, 13)) / 5)
+
+
+def test_ratios_mfu_and_fidelity_gap():
+    base = {"step_ms": 2000.0, "tokens_per_s_per_gpu": 100.0, "megatron_tflops_per_gpu": 500.0,
+            "max_allocated_gib": 70.0, "max_reserved_gib": 80.0, "final_loss_window": 3.0, "final_loss": 3.0}
+    fp8 = {"step_ms": 1600.0, "tokens_per_s_per_gpu": 125.0, "megatron_tflops_per_gpu": 625.0,
+           "max_allocated_gib": 63.0, "max_reserved_gib": None, "final_loss_window": 3.024, "final_loss": 2.97}
+    q = ratios(fp8, base)
+    assert q == pytest.approx({"step_time": 0.8, "tokens_per_s": 1.25, "tflops": 1.25, "max_allocated": 0.9,
+                               "max_reserved": None})
+    gap = bench.fidelity_gap(fp8, base)
+    assert gap["relative_gap"] == pytest.approx(0.008) and gap["pass"]
+    assert gap["relative_gap_last"] == pytest.approx(-0.01)
+    assert not bench.fidelity_gap({**fp8, "final_loss_window": 3.04}, base)["pass"]
+    assert bench.peak_for(gpu_peak("NVIDIA H200"), "blockwise") == 1979
+    assert bench.peak_for(gpu_peak("NVIDIA H200"), None) == 989
+    assert bench.peak_for(None, "blockwise") is None
+
+
+@pytest.mark.parametrize("name,label,bf16,fp8", [
+    ("NVIDIA H200", "H200 SXM", 989, 1979),
+    ("NVIDIA H200 NVL", "H200 NVL", 835, 1671),
+    ("NVIDIA H100 80GB HBM3", "H100/H800 SXM", 989, 1979),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756, 1513),
+    ("NVIDIA H800", "H100/H800 SXM", 989, 1979),
+    ("NVIDIA H20", "H20", 148, 296),
+    ("NVIDIA B200", "B200", 2250, 4500),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312, None),
+])
+def test_gpu_peaks(name, label, bf16, fp8):
+    peak = gpu_peak(name)
+    assert peak is not None and (peak.label, peak.bf16_tflops, peak.fp8_tflops) == (label, bf16, fp8)
+
+
+def test_unknown_gpu_has_no_peak():
+    assert gpu_peak("Tesla T4") is None and gpu_peak(None) is None
+
+
+# --------------------------------------------------------------------------- FLOPs against Megatron's own count
+
+
+@pytest.mark.parametrize("recipe,layers,seq,gbs", [("7b", 8, 8192, 8), ("7b", 28, 32768, 128), ("1.5b", 28, 8192, 8),
+                                                   ("tiny", None, None, 16)])
+def test_flop_formula_matches_megatron(recipe, layers, seq, gbs, exp_root, megatron_parse):
+    training = pytest.importorskip("megatron.training.training")
+    vp = _plan(exp_root, recipe=recipe, layers=layers, seq=seq, global_batch=gbs, variants=["bf16"]).variants[0]
+    args = megatron_parse(vp.launch.megatron_args)
+    if args.padded_vocab_size is None:  # set by the tokenizer at run time; the NullTokenizer's, padded
+        args.padded_vocab_size = vp.shape.padded_vocab_size
+    assert vp.shape.padded_vocab_size == args.padded_vocab_size
+    ours = model_flops(vp.shape, gbs)
+    theirs = training.num_floating_point_operations(args, gbs)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_flop_parts_of_the_7b_layer():
+    shape = ModelShape(1, 3584, 18944, 28, 4, 8192, 152064)
+    parts = flops_per_sequence(shape)
+    s, h = 8192, 3584
+    assert parts["mlp"] == 6 * s * 3 * h * 18944
+    assert parts["attention_projections"] == 6 * s * h * (3584 + 2 * 512 + 3584)
+    assert parts["attention_core"] == 6 * s * s * 3584
+    assert parts["logits"] == 6 * s * h * 152064
+    assert model_flops(shape, 2) == 2 * sum(parts.values())
+
+
+# --------------------------------------------------------------------------- table, JSON, PNG
+
+
+def _result(name: str, fp8, step_ms: float, alloc: float, losses: list[float]) -> VariantResult:
+    metrics = {"step_ms": step_ms, "tokens_per_s_per_gpu": 65536 / step_ms * 1000, "megatron_tflops_per_gpu": 1.04e6 / step_ms,
+               "model_tflops_per_gpu": 1.04e6 / step_ms, "mfu": 0.5, "max_allocated_gib": alloc,
+               "max_reserved_gib": alloc + 2, "first_loss": losses[0], "final_loss": losses[-1],
+               "final_loss_window": sum(losses[-2:]) / 2, "loss_window": 2}
+    return VariantResult(name=name, description=name, sets=[], extra_args=[], command=["infir2"], fp8=fp8,
+                         status="ok", exit_code=0, seconds=1.0, metrics=metrics,
+                         iterations=[{"iteration": i + 1, "loss": loss, "iter_ms": step_ms, "tflops": 1.0}
+                                     for i, loss in enumerate(losses)])
+
+
+def test_table_json_and_plots(tmp_path):
+    results = [_result("bf16", None, 1988.0, 67.9, [11.0, 5.0, 3.0, 2.9]),
+               _result("fp8-blockwise", "blockwise", 1590.0, 61.0, [11.0, 5.1, 3.01, 2.91])]
+    bench.apply_baseline(results, "bf16", fidelity=True)
+    assert results[1].ratios["step_time"] == pytest.approx(1590 / 1988)
+    assert results[1].fidelity["pass"]
+    table = bench.format_table(results, "bf16", "H200 SXM")
+    assert table.splitlines()[0].startswith("| variant | status | step ms")
+    assert "| fp8-blockwise | ok | 1590.0 |" in table and "| 0.800 |" in table
+    fidelity = bench.format_table(results, "bf16", "H200 SXM", fidelity=True)
+    assert "(baseline)" in fidelity and "+0.34 %" in fidelity
+    bench.write_json(tmp_path / "bench.json", {"variants": [r.__dict__ for r in results]})
+    assert json.loads((tmp_path / "bench.json").read_text())["variants"][1]["name"] == "fp8-blockwise"
+    for plot in (bench.plot_speed(results, "bf16", tmp_path / "speed.png", "t"),
+                 bench.plot_fidelity(results, "bf16", tmp_path / "fid.png", "t")):
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.plot_breakdowns(results, tmp_path / "none.png", "t") is None  # nothing profiled
+
+
+# --------------------------------------------------------------------------- profiler trace breakdown
+
+
+def _trace(steps: int = 2) -> dict:
+    events = []
+    for step in range(steps):
+        t0 = step * 10_000.0
+        events.append({"ph": "X", "cat": "user_annotation", "name": f"ProfilerStep#{7 + step}", "ts": t0, "dur": 9000.0})
+        events.append({"ph": "X", "cat": "gpu_user_annotation", "name": f"ProfilerStep#{7 + step}", "ts": t0, "dur": 9000.0})
+        kernels = [
+            ("nvjet_sm90_qqtst_128x256_64x4_2x1_v_bz_e4m3_gemm", 3000.0),  # FP8 GEMM (cuBLASLt)
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", 1000.0),  # logits
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", 1500.0),
+            ("transformer_engine::quantize_transpose_vector_blockwise::block_scaled_1d_cast_transpose_kernel", 500.0),
+            ("multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", 400.0),
+            ("void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor>", 200.0),
+        ]
+        t = t0
+        for name, dur in kernels:
+            events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur, "args": {"stream": 7}})
+            t += dur
+        # NCCL on its own stream: 600 us of it overlaps the last compute kernel by 200 us
+        events.append({"ph": "X", "cat": "kernel", "name": "ncclDevKernel_ReduceScatter_Sum_f32_RING_LL",
+                       "ts": t - 200.0, "dur": 600.0, "args": {"stream": 20}})
+        events.append({"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": t + 500.0, "dur": 100.0})
+        events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": t0, "dur": 50.0})  # CPU side: ignored
+    return {"schemaVersion": 1, "traceEvents": events}
+
+
+def test_trace_breakdown_by_category(tmp_path):
+    path = tmp_path / "rank-0.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(_trace(), f)
+    b = trace_breakdown(path)
+    assert b["steps"] == 2 and b["step_wall_ms"] == 9.0
+    cats = {k: v["ms_per_step"] for k, v in b["categories"].items()}
+    assert cats == pytest.approx({"gemm fp8": 3.0, "gemm bf16": 1.0, "attention": 1.5, "quantize/cast": 0.5,
+                                  "optimizer": 0.4, "communication": 0.6, "memcpy/memset": 0.1, "other": 0.2})
+    assert b["kernel_ms_per_step"] == pytest.approx(7.3)
+    assert sum(v["share"] for v in b["categories"].values()) == pytest.approx(1.0)
+    # busy: 6.6 ms of compute, then NCCL adds 0.4 past it, then the memset 0.1 (after a gap)
+    assert b["gpu_busy_ms_per_step"] == pytest.approx(7.1)
+    assert b["exposed_communication_ms_per_step"] == pytest.approx(0.4)
+    assert b["top_kernels"]["gemm fp8"][0] == ["nvjet_sm90_qqtst_128x256_64x4_2x1_v_bz_e4m3_gemm", 3.0]
+    text = bench.format_trace_breakdown(b)
+    assert "| gemm fp8 | 3.00 | 41.1 % |" in text
+
+
+@pytest.mark.parametrize("name,category", [
+    ("ncclDevKernel_AllGather_RING_LL", "communication"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<2>, L2NormFunctor<float>>", "optimizer"),
+    ("flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", "attention"),
+    ("transformer_engine::detail::cast_transpose_kernel<...>", "quantize/cast"),
+    ("transformer_engine::fp8_block_scaling_recipe::fp8_block_scaling_compute_partial_amax_kernel", "quantize/cast"),
+    ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128", "gemm fp8"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_NNT", "gemm bf16"),
+    ("cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16>", "gemm bf16"),
+    ("void at::native::reduce_kernel<512, 1>", "other"),
+])
+def test_kernel_classification(name, category):
+    assert classify_kernel(name) == category
+
+
+def test_breakdown_cli(cli, tmp_path):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(_trace(1)))
+    result = cli("bench", "--breakdown", str(path))
+    assert result.exit_code == 0, result.output
+    assert "| attention | 1.50 |" in result.stdout
+    (tmp_path / "bad.json").write_text("{}")
+    assert cli("bench", "--breakdown", str(tmp_path / "bad.json")).exit_code == 2
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_dry_run_prints_every_variant_command(cli, exp_root):
+    result = cli("bench", "--recipe", "7b", "--layers", "8", "--seq", "8192", "--dry-run",
+                 "--variant", "fp8-mbs2:base=fp8-blockwise,parallel.micro_batch_size=2")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for name in ("bf16", "fp8-blockwise", "fp8-tensorwise", "fp8-mbs2"):
+        assert f"## variant {name}:" in out
+    assert out.count("-m infir2_cpt.cli train --recipe 7b") == 4
+    assert out.count("-m infir2_cpt.entry") == 4
+    assert "--set parallel.micro_batch_size=2" in out and "--save ''" in out
+    assert not exp_root.exists()  # a dry run writes nothing
+
+
+def test_cli_errors_exit_2_before_anything_runs(cli, exp_root):
+    result = cli("bench", "--recipe", "1.5b", "--tensor-parallel", "4", "--variants", "bf16,fp8-blockwise", "--dry-run")
+    assert result.exit_code == 2
+    assert "[bf16] parallel.tensor_parallel: must divide model.num_query_groups=2" in result.stderr
+    assert "[fp8-blockwise]" in result.stderr
+    assert cli("bench", "--recipe", "nope").exit_code == 2
+    assert cli("bench").exit_code == 2  # no recipe
+    assert cli("bench", "--recipe", "tiny", "--set", "model.bogus=1", "--dry-run").exit_code == 2
+    assert not exp_root.exists()
+
+
+def test_cli_lists_variants(cli):
+    result = cli("bench", "--list-variants")
+    assert result.exit_code == 0
+    for name in bench.BUILTIN_VARIANTS:
+        assert name in result.stdout
+
+
+# --------------------------------------------------------------------------- end to end on the CPU
+
+
+def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    full_env.update(INFIR2_EXP_ROOT=str(tmp_path / "exp"), INFIR2_ENTRY=str(FAKE_ENTRY), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "infir2_cpt.cli", "bench", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_end_to_end_speed(tmp_path):
+    """Three variants, each through `infir2 train` -> torchrun -> the stand-in entry; results from its log lines."""
+    proc = _bench(tmp_path, "--recipe", "7b", "--layers", "8", "--seq", "8192", "--variants", "bf16,fp8-blockwise",
+                  "--variant", "fp8-mbs2:base=fp8-blockwise,parallel.micro_batch_size=2",
+                  "--gpu-name", "NVIDIA H200", "--exp-name", "bench-e2e")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = tmp_path / "exp" / "bench-e2e"
+    data = json.loads((root / "bench.json").read_text())
+    assert data["mode"] == "speed" and data["gpu"]["peak"]["label"] == "H200 SXM" and data["train_iters"] == 25
+    results = {v["name"]: v for v in data["variants"]}
+    assert list(results) == ["bf16", "fp8-blockwise", "fp8-mbs2"]
+    for name, r in results.items():
+        assert r["status"] == "ok", r
+        m = r["metrics"]
+        assert m["timed_iterations"] == 20 and len(r["iterations"]) == 25
+        assert m["checkpoints_saved"] == []  # Megatron would have printed its saves
+        assert m["model_tflops_per_gpu"] == pytest.approx(m["megatron_tflops_per_gpu"], rel=2e-3)
+        assert not any((root / name / "checkpoints").iterdir())
+        argv = json.loads((root / name / "fake_megatron_argv.json").read_text())["argv"]
+        assert _value(argv, "--save") == "" and _value(argv, "--num-layers") == "8"
+        assert "--no-gradient-accumulation-fusion" not in argv  # added by infir2_cpt.entry, not the launcher
+    bf16, fp8, mbs2 = results["bf16"], results["fp8-blockwise"], results["fp8-mbs2"]
+    assert bf16["metrics"]["step_ms"] == 1988.0 and fp8["metrics"]["step_ms"] == 1686.0
+    assert fp8["ratios"]["step_time"] == pytest.approx(1686 / 1988)
+    assert fp8["ratios"]["max_allocated"] == pytest.approx(67891.25 / 69530.5)
+    assert bf16["metrics"]["mfu"] == pytest.approx(bf16["metrics"]["model_tflops_per_gpu"] / 989)
+    assert fp8["metrics"]["mfu"] == pytest.approx(fp8["metrics"]["model_tflops_per_gpu"] / 1979)
+    assert "--set parallel.micro_batch_size=2" not in " ".join(fp8["command"])
+    assert "parallel.micro_batch_size=2" in mbs2["command"]
+    argv = json.loads((root / "fp8-mbs2" / "fake_megatron_argv.json").read_text())["argv"]
+    assert _value(argv, "--micro-batch-size") == "2" and _value(argv, "--global-batch-size") == "8"
+    assert (root / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    table = (root / "table.md").read_text()
+    assert "| fp8-blockwise | ok | 1686.0 |" in table and "0.848" in table
+    assert "| fp8-blockwise | ok | 1686.0 |" in proc.stdout
+    assert "[fp8-blockwise] iteration 25/25" in proc.stderr  # progress echo
+    assert (root / "bf16" / "bench-console.log").is_file() and (root / "bf16" / "launch.sh").is_file()
+
+
+@pytest.mark.slow
+def test_end_to_end_fidelity(tmp_path):
+    prefix = tmp_path / "data" / "toy_text_document"
+    prefix.parent.mkdir()
+    for suffix in (".bin", ".idx"):
+        Path(str(prefix) + suffix).write_bytes(b"")
+    (tmp_path / "tok").mkdir()
+    proc = _bench(tmp_path, "--fidelity", "--recipe", "tiny", "--data", str(prefix), "--tokenizer",
+                  str(tmp_path / "tok"), "--steps", "200", "--exp-name", "fid")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "exp" / "fid" / "bench.json").read_text())
+    assert data["mode"] == "fidelity" and data["fidelity"]["target"] == 0.01
+    gap = data["fidelity"]["gaps"]["fp8-blockwise"]
+    assert gap["relative_gap"] == pytest.approx(0.002, rel=1e-3) and gap["pass"]
+    fp8 = next(v for v in data["variants"] if v["name"] == "fp8-blockwise")
+    assert len(fp8["iterations"]) == 200 and fp8["metrics"]["loss_window"] == 20
+    # the HF tokenizer's vocabulary came from Megatron's 'padded vocab' line into the FLOP count
+    assert fp8["metrics"]["flops_per_iteration"] == pytest.approx(
+        model_flops(ModelShape(4, 1024, 2816, 8, 2, 1024, 32000), 16))
+    assert "within 1 %" in proc.stdout
+    assert (tmp_path / "exp" / "fid" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_end_to_end_profile_and_a_failing_variant(tmp_path):
+    proc = _bench(tmp_path, "--recipe", "tiny", "--profile", "--variants", "fp8-blockwise",
+                  "--variant", "boom:base=bf16", "--exp-name", "prof", env={"FAKE_MEGATRON_FAIL": "boom"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    root = tmp_path / "exp" / "prof"
+    data = json.loads((root / "bench.json").read_text())
+    fp8, boom = data["variants"]
+    assert fp8["status"] == "ok" and boom["status"] == "failed (exit 1)"
+    assert any("CUDA out of memory" in line for line in boom["console_tail"])
+    assert data["profile_window"] == [5, 8]
+    b = fp8["breakdown"]
+    assert b["trace"].endswith("prof/fp8-blockwise/torch_profile/rank-0.json.gz") and b["steps"] == 3
+    assert b["categories"]["gemm fp8"]["ms_per_step"] == pytest.approx(0.9)
+    assert b["categories"]["quantize/cast"]["ms_per_step"] == pytest.approx(0.12)
+    assert b["exposed_communication_ms_per_step"] == pytest.approx(0.06)
+    assert (root / "breakdown.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| gemm fp8 | 0.90 |" in (root / "table.md").read_text()
+    assert "boom: failed (exit 1)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_end_to_end_a_hung_variant_is_stopped_at_the_timeout(tmp_path):
+    proc = _bench(tmp_path, "--recipe", "tiny", "--variants", "bf16", "--timeout-minutes", "0.1", "--exp-name", "hang",
+                  env={"FAKE_MEGATRON_HANG": "bf16"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "exp" / "hang" / "bench.json").read_text())
+    (r,) = data["variants"]
+    assert r["status"] == "timed out" and r["seconds"] < 120
+    assert "stopping it (SIGTERM" in proc.stderr
+
+
+def test_no_gpu_exits_2_before_anything_is_written(cli, exp_root, monkeypatch):
+    """Without INFIR2_ENTRY the GPU is probed (in a child process) before any variant starts."""
+    monkeypatch.delenv("INFIR2_ENTRY", raising=False)
+    calls = []
+
+    def probe(checks):
+        calls.append(checks)
+        return None, [bench.Problem("gpu", "no CUDA GPU is visible on this host")]
+
+    monkeypatch.setattr(bench, "gpu_check", probe)
+    result = cli("bench", "--recipe", "tiny", "--variants", "bf16,fp8-blockwise")
+    assert result.exit_code == 2 and "no CUDA GPU is visible" in result.stderr
+    assert calls == [[{"nproc": 1, "fp8": None}, {"nproc": 1, "fp8": "blockwise"}]]
+    assert not exp_root.exists()
