@@ -282,8 +282,239 @@ def inspect_data_cmd(
 
 # --- conversion commands (issue 6) ---
 
+convert_app = typer.Typer(
+    help="Hugging Face <-> Megatron (torch_dist) checkpoints of Qwen2.5-shaped models; see docs/conversion.md.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(convert_app, name="convert")
+
+ConvertRecipeOpt = Annotated[Optional[str], typer.Option(
+    "--recipe", "-r", help="Recipe whose model section the checkpoint follows (name or YAML path).",
+    show_default=False)]
+ConvertDryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Check everything, print the torchrun command, and exit; writes nothing.")]
+
+
+def _convert(plan_name: str, req) -> None:
+    from . import convert_launch
+    from .conversion import ConversionError
+
+    try:
+        plan = getattr(convert_launch, plan_name)(req)
+    except ConversionError as exc:
+        fail(exc.problems, exc.title)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if req.dry_run:
+        print(convert_launch.format_plan(plan))
+        return
+    code = convert_launch.run_plan(plan)
+    if code:
+        raise typer.Exit(code)
+
+
+@convert_app.command("hf-to-megatron")
+def convert_hf_to_megatron(
+    hf: Annotated[str, typer.Option("--hf", help="Hugging Face Qwen2 folder: config.json and *.safetensors.",
+                                    show_default=False)],
+    out: Annotated[str, typer.Option("--out", help="New (or empty) folder for the Megatron checkpoint.",
+                                     show_default=False)],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe that will train from the checkpoint.")] = "7b",
+    sets: SetOpt = None,
+    tp: Annotated[Optional[int], typer.Option(
+        "--tp", help="Training TP to check the shapes against (default: the recipe's). The checkpoint is written "
+        "unsharded; Megatron reshards it on load.", show_default=False)] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Do not read the written checkpoint back.")] = False,
+    dry_run: ConvertDryRunOpt = False,
+) -> None:
+    """Convert a Hugging Face Qwen2.5 model into a Megatron torch_dist checkpoint for checkpoint.pretrained.
+
+    The HF config.json must agree with the recipe's model section (every difference is listed, exit 2). The
+    vocabulary is padded with zero rows to the recipe's padded size. Writes OUT/release and a tracker saying
+    'release' (weights only, what Megatron's --pretrained-checkpoint loads), then reads it back and compares it
+    bit for bit. Runs on one GPU, in BF16; then train with --set checkpoint.pretrained=OUT.
+    """
+    from .convert_launch import ConvertRequest
+
+    _convert("plan_hf_to_megatron", ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, out=out, tp=tp,
+                                                   verify=not no_verify, dry_run=dry_run))
+
+
+@convert_app.command("megatron-to-hf")
+def convert_megatron_to_hf(
+    ckpt: Annotated[str, typer.Option(
+        "--ckpt", help="An iter_NNNNNNN or release folder (or a checkpoints directory: its tracker's folder).",
+        show_default=False)],
+    out: Annotated[str, typer.Option("--out", help="New (or empty) folder for the Hugging Face model.",
+                                     show_default=False)],
+    recipe: ConvertRecipeOpt = None,
+    sets: SetOpt = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        "--tokenizer", help="Copy the tokenizer files (and generation_config.json) of this folder.",
+        show_default=False)] = None,
+    hf_config: Annotated[Optional[str], typer.Option(
+        "--hf-config", help="The source model's config.json (or its folder): vocab_size and token ids come from it "
+        "(default: the copy kept beside the recipe's checkpoint.pretrained).", show_default=False)] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(
+        "--vocab-size", help="Embedding rows to keep (default: the source config's vocab_size).",
+        show_default=False)] = None,
+    dry_run: ConvertDryRunOpt = False,
+) -> None:
+    """Convert one Megatron checkpoint into a Hugging Face Qwen2ForCausalLM folder (safetensors + config.json).
+
+    Only the model weights are read (no optimizer state); padding rows of the vocabulary are dropped. The model
+    shape comes from --recipe, or from exp/<name>/recipe.yaml when CKPT is inside an experiment. Every tensor is
+    checked against that shape before anything runs (exit 2). Needs no GPU.
+    """
+    from .convert_launch import ConvertRequest
+
+    _convert("plan_megatron_to_hf", ConvertRequest(recipe=recipe, sets=sets or [], ckpt=ckpt, out=out,
+                                                   tokenizer=tokenizer, hf_config=hf_config, vocab_size=vocab_size,
+                                                   dry_run=dry_run))
+
+
+@convert_app.command("check-logits")
+def convert_check_logits(
+    hf: Annotated[str, typer.Option("--hf", help="Hugging Face Qwen2 folder (the reference).", show_default=False)],
+    ckpt: Annotated[str, typer.Option("--ckpt", help="Megatron iter_NNNNNNN or release folder.", show_default=False)],
+    recipe: ConvertRecipeOpt = None,
+    sets: SetOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16 or fp32, for both models.")] = "bf16",
+    batch: Annotated[int, typer.Option("--batch", help="Sequences of random tokens.")] = 2,
+    seq: Annotated[int, typer.Option("--seq", help="Tokens per sequence.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random tokens.")] = 1234,
+    max_rel: Annotated[float, typer.Option(
+        "--max-rel", help="Largest accepted max |difference| / max |HF logit|.")] = 0.05,
+    report: Annotated[Optional[str], typer.Option("--report", help="Also write the figures as JSON here.",
+                                                  show_default=False)] = None,
+    dry_run: ConvertDryRunOpt = False,
+) -> None:
+    """Run a Megatron checkpoint and a Hugging Face model on the same tokens and compare their logits.
+
+    Prints the max absolute and relative error (and mean error, top-1 agreement); exit 1 when the relative
+    error exceeds --max-rel. The Megatron model runs without FP8, in --dtype, on one GPU.
+    """
+    from .convert_launch import ConvertRequest
+
+    if dtype not in ("bf16", "fp32"):
+        fail([Problem("--dtype", "must be bf16 or fp32", dtype)], "infir2: cannot compare logits")
+    _convert("plan_check_logits", ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, ckpt=ckpt, dtype=dtype,
+                                                 batch=batch, seq=seq, seed=seed, max_rel=max_rel, report=report,
+                                                 dry_run=dry_run))
+
+
 
 # --- benchmark commands (issue 7) ---
+
+@app.command("bench")
+def bench_cmd(
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", "-r", help="Shipped recipe name (see `infir2 recipes`) or a YAML path.")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="Transformer layers (default: the recipe's).")] = None,
+    seq: Annotated[Optional[int], typer.Option("--seq", help="Sequence length (default: the recipe's).")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(
+        "--micro-batch", help="Micro batch size (default: the recipe's).")] = None,
+    global_batch: Annotated[Optional[int], typer.Option(
+        "--global-batch", help="Global batch size (default: micro batch x data-parallel size x 8; --fidelity: the recipe's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="Timed iterations after the warm-up (default 20; --fidelity: iterations in all, default 500).")] = None,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Iterations run before timing starts.")] = 5,
+    variants: Annotated[Optional[str], typer.Option(
+        "--variants", help="Comma-separated variants to run, in order (default bf16,fp8-blockwise,fp8-tensorwise; "
+        "--fidelity: bf16,fp8-blockwise). Built-ins: see --list-variants.")] = None,
+    variant_specs: Annotated[Optional[list[str]], typer.Option(
+        "--variant", metavar="NAME:ITEM,...", help="Define (and run) another variant: ITEMs are section.key=value "
+        "overrides, --megatron-flag[=value] and base=VARIANT, e.g. "
+        "--variant fp8-mbs2:base=fp8-blockwise,parallel.micro_batch_size=2 (repeatable).")] = None,
+    variants_file: Annotated[Optional[str], typer.Option(
+        "--variants-file", metavar="YAML", help="More variants: `variants: {NAME: {base, set, args}}` (all are run).")] = None,
+    baseline: Annotated[str, typer.Option("--baseline", help="The variant the ratios are taken against.")] = "bf16",
+    sets: SetOpt = None,
+    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", help="GPUs (processes) per variant.")] = 1,
+    tensor_parallel: Annotated[Optional[int], typer.Option(
+        "--tensor-parallel", help="TP size (default: gcd of the recipe's TP and --nproc-per-node).")] = None,
+    exp_name: Annotated[Optional[str], typer.Option(
+        "--exp-name", help="Folder under exp/ for the runs and results (default bench-<date>-<time>).")] = None,
+    gpu_name: Annotated[Optional[str], typer.Option(
+        "--gpu-name", help="GPU name for the peak table (default: torch.cuda.get_device_name).")] = None,
+    fidelity: Annotated[bool, typer.Option(
+        "--fidelity", help="Train on --data with a fixed seed in each variant and report the final-loss gap "
+        "to the baseline (target: within 1 %).")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", help="--fidelity: indexed-dataset PREFIX (.bin/.idx).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        "--tokenizer", help="--fidelity: the tokenizer directory the data was prepared with.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="--fidelity: random seed (default: the recipe's).")] = None,
+    loss_window: Annotated[int, typer.Option(
+        "--loss-window", help="--fidelity: final loss = mean of the last N iterations.")] = 20,
+    profile: Annotated[bool, typer.Option(
+        "--profile", help="Run the PyTorch profiler over --profile-steps iterations after the warm-up and break the "
+        "trace down by kernel category (timings of a profiled run are slower).")] = False,
+    profile_steps: Annotated[int, typer.Option("--profile-steps", help="Iterations profiled.")] = 3,
+    breakdown: Annotated[Optional[list[str]], typer.Option(
+        "--breakdown", metavar="TRACE", help="Only print the kernel-category breakdown of a profiler trace "
+        "(.json or .json.gz); repeatable.")] = None,
+    timeout_minutes: Annotated[Optional[float], typer.Option(
+        "--timeout-minutes", help="Stop a variant that runs longer (it is reported as timed out).")] = None,
+    list_variants: Annotated[bool, typer.Option("--list-variants", help="List the built-in variants and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Echo every line of the runs, not only iterations.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate every variant and print its command; run nothing.")] = False,
+    extra: ExtraArg = None,
+) -> None:
+    """FP8 against BF16 on this machine: step time, tokens/s, TFLOP/s, MFU and peak memory per variant.
+
+    Each variant runs as its own `infir2 train` (the real launcher and entry, on mock data, no checkpoints)
+    under exp/bench-<date>-<time>/<variant>, one after the other; the figures come from Megatron's own log
+    lines after --warmup-steps. Prints a table with ratios to --baseline and writes bench.json, table.md and
+    bench.png there. `infir2 bench --recipe 7b --layers 8 --seq 8192` is the issue-7 comparison on one GPU.
+    --set applies to every variant; Megatron flags after `--` too. Exit 2: invalid request (nothing run);
+    exit 1: a variant failed.
+    """
+    from . import bench
+
+    if list_variants:
+        print(bench.list_variants())
+        return
+    if breakdown:
+        from pathlib import Path
+
+        for trace in breakdown:
+            try:
+                print(bench.format_trace_breakdown(bench.trace_breakdown(Path(trace))))
+            except (OSError, ValueError) as exc:
+                fail([Problem("--breakdown", str(exc), trace)], "infir2: cannot read the trace")
+        return
+    if recipe is None:
+        fail([Problem("--recipe", "required (or --list-variants / --breakdown TRACE)")], "infir2: cannot run the benchmark")
+    req = bench.BenchRequest(
+        recipe=recipe, variants=[v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None,
+        variant_specs=variant_specs or [], variants_file=variants_file, layers=layers, seq=seq,
+        micro_batch=micro_batch, global_batch=global_batch, steps=steps, warmup_steps=warmup_steps, sets=sets or [],
+        extra_args=extra or [], nproc_per_node=nproc_per_node, tensor_parallel=tensor_parallel, exp_name=exp_name,
+        baseline=baseline, gpu_name=gpu_name, fidelity=fidelity, data=data, tokenizer=tokenizer, seed=seed,
+        loss_window=loss_window, profile=profile, profile_steps=profile_steps, timeout_minutes=timeout_minutes,
+        dry_run=dry_run, verbose=verbose)
+    try:
+        plan = bench.plan_bench(req)
+        if dry_run:
+            print(bench.describe_plan(plan))
+            return
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        report = bench.execute(plan)
+    except RecipeError as exc:
+        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
+    except bench.BenchError as exc:
+        fail(exc.problems, exc.title)
+    except KeyboardInterrupt:
+        print(f"\ninfir2: bench interrupted; results so far: {plan.root / bench.RESULTS_FILE}", file=sys.stderr)
+        raise typer.Exit(130)
+    print(bench.summary(report))
+    if not report.all_ok:
+        raise typer.Exit(1)
+
 
 
 # --- slurm commands (issue 9) ---

@@ -1,0 +1,470 @@
+"""`infir2 convert ...`: everything checked on the CPU first, then one torchrun process (convert_entry.py).
+
+plan_*() read the recipe, the HF folder (config.json and the safetensors headers) or the checkpoint's tensor
+metadata, collect every problem, and build the torchrun command; they write nothing. run_plan() starts it.
+Configuration problems always stop (exit 2); a missing GPU stops a real run and is a warning in --dry-run.
+
+The checkpoint is written at TP=1: torch_dist checkpoints hold global (unsharded) tensors and Megatron
+reshards them when a run with another TP (or PP) loads them, so one conversion serves every TP size.
+`--tp` only checks that the training TP divides the heads, query groups, FFN size and padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checkpoints as ck
+from .conversion import (
+    SOURCE_CONFIG_FILE,
+    ConversionError,
+    ModelShape,
+    check_hf_state_shapes,
+    compare_hf_config_with_recipe,
+    hf_tensor_shapes,
+    read_hf_config,
+    recipe_padded_vocab,
+    shape_from_recipe,
+    tensor_parallel_problems,
+)
+from .launch import resolve_env
+from .torchrun import GRACE_ENV
+from .megatron_args import model_args
+from .recipes import Problem, Recipe, RecipeError, load_recipe
+
+ENTRY_MODULE = "infir2_cpt.convert_entry"
+RECORDED_RECIPE = "recipe.yaml"  # written into exp/<name>/ by every `infir2 train` launch
+
+
+@dataclass
+class ConvertRequest:
+    """What the user asked for; which fields matter depends on the command."""
+
+    recipe: str | None = None
+    sets: list[str] = field(default_factory=list)
+    hf: str | None = None
+    out: str | None = None
+    ckpt: str | None = None
+    tp: int | None = None
+    tokenizer: str | None = None
+    hf_config: str | None = None
+    vocab_size: int | None = None
+    verify: bool = True
+    dtype: str = "bf16"
+    batch: int = 2
+    seq: int = 256
+    seed: int = 1234
+    max_rel: float = 0.05
+    report: str | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class ConvertPlan:
+    command: list[str]
+    env: dict[str, str]
+    notes: list[str]
+    warnings: list[Problem]
+    shape: ModelShape
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def load_request_recipe(name: str, sets: list[str], problems: list[Problem]) -> Recipe | None:
+    try:
+        return load_recipe(name, sets).recipe
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def check_out_dir(out: str | None, key: str, problems: list[Problem]) -> Path | None:
+    """A new folder, or an existing empty one, under a writable parent."""
+    if not out:
+        problems.append(Problem(key, "is required"))
+        return None
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        problems.append(Problem(key, "exists and is not a folder", out))
+    elif path.is_dir() and any(path.iterdir()):
+        problems.append(Problem(key, "exists and is not empty (nothing is overwritten; remove it or pick another)", out))
+    else:
+        parent = path
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            problems.append(Problem(key, f"{parent} is not writable", out))
+    return path
+
+
+def gpu_problems() -> list[Problem]:
+    try:
+        import torch
+    except ImportError:
+        return [Problem("gpu", "torch is not importable here")]
+    if not torch.cuda.is_available():
+        return [Problem("gpu", "no CUDA GPU is visible on this host (this conversion builds the Megatron model on one GPU)")]
+    return []
+
+
+def conversion_recipe(recipe: Recipe, vocab_size: int, padded_vocab: int) -> Recipe:
+    """The recipe as the conversion runs it: one GPU, TP=PP=CP=1, BF16 weights (no FP8 parameters: TE's
+    blockwise FP8 tensors do not support plain view/copy), the recipe's model section unchanged."""
+    model = dataclasses.replace(recipe.model, vocab_size=vocab_size, padded_vocab_size=padded_vocab)
+    parallel = dataclasses.replace(recipe.parallel, tensor_parallel=1, pipeline_parallel=1, context_parallel=1,
+                                   sequence_parallel=False, distributed_optimizer=False, overlap_grad_reduce=False,
+                                   overlap_param_gather=False, micro_batch_size=1, global_batch_size=1,
+                                   cross_entropy_fusion=None)
+    precision = dataclasses.replace(recipe.precision, fp8=None, fp8_param_gather=False,
+                                    precision_aware_optimizer=False, first_last_layers_bf16=False)
+    return dataclasses.replace(recipe, model=model, parallel=parallel, precision=precision)
+
+
+def conversion_megatron_args(recipe: Recipe, vocab_size: int, padded_vocab: int, save: Path | None = None,
+                             dtype: str = "bf16") -> list[str]:
+    """Megatron arguments for building the recipe's model on one GPU: model_args() of the recipe (so the model
+    is the one training builds), plus the least that parse_and_validate_args needs."""
+    conv = conversion_recipe(recipe, vocab_size, padded_vocab)
+    args = model_args(conv)
+    args += ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+             "--context-parallel-size", "1", "--micro-batch-size", "1", "--global-batch-size", "1",
+             "--train-iters", "1", "--lr", "0.0", "--min-lr", "0.0", "--seed", str(recipe.schedule.seed),
+             "--init-method-std", repr(float(recipe.model.init_method_std)),
+             "--mock-data", "--tokenizer-type", "NullTokenizer", "--eval-interval", "1", "--eval-iters", "0",
+             "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng", "--no-load-optim", "--no-load-rng",
+             "--distributed-timeout-minutes", str(recipe.parallel.distributed_timeout_minutes)]
+    if dtype == "bf16":
+        args += ["--bf16"]
+    if save is not None:
+        args += ["--save", str(save), "--save-interval", "1"]
+    return args
+
+
+def torchrun_command(entry_args: list[str], megatron_args: list[str] | None = None) -> list[str]:
+    """One process on this host (--standalone picks a free rendezvous port)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=1",
+               "-m", ENTRY_MODULE, *entry_args]
+    if megatron_args:
+        command += ["--", *megatron_args]
+    return command
+
+
+def shape_json(shape: ModelShape) -> str:
+    return json.dumps(dataclasses.asdict(shape), separators=(",", ":"))
+
+
+def conversion_env(recipe: Recipe) -> dict[str, str]:
+    """The recipe's environment (a variable the user set wins), without the training-only stop grace."""
+    env, _ = resolve_env(recipe, dict(os.environ))
+    env.pop(GRACE_ENV, None)
+    return env
+
+
+# --------------------------------------------------------------------------- HF side
+
+
+@dataclass
+class HfSource:
+    path: Path
+    config: dict[str, Any]
+    tensor_shapes: dict[str, tuple[int, ...]]
+
+
+def read_hf_source(hf: str | None, key: str, problems: list[Problem]) -> HfSource | None:
+    if not hf:
+        problems.append(Problem(key, "is required"))
+        return None
+    path = Path(hf).absolute()
+    if not path.is_dir():
+        problems.append(Problem(key, "is not a folder", hf))
+        return None
+    try:
+        return HfSource(path, read_hf_config(path), hf_tensor_shapes(path))
+    except ConversionError as exc:
+        problems.extend(Problem(key if p.key == "--hf" else p.key, p.message, p.value) for p in exc.problems)
+    except Exception as exc:  # a truncated or foreign safetensors file
+        problems.append(Problem(key, f"cannot read the safetensors headers: {exc}", hf))
+    return None
+
+
+def hf_shape(source: HfSource, recipe: Recipe, padded: int | None, tp: int | None,
+             problems: list[Problem]) -> ModelShape | None:
+    """The recipe's shape with the HF vocabulary, after every config check and then every tensor check."""
+    config_problems = compare_hf_config_with_recipe(source.config, recipe, padded, tp)
+    problems.extend(config_problems)
+    vocab = source.config.get("vocab_size")
+    if padded is None or not isinstance(vocab, int) or vocab <= 0 or vocab > padded:
+        return None
+    shape = shape_from_recipe(recipe, vocab, padded)
+    if not config_problems:  # tensor shapes of a model that is already known to differ are noise
+        problems.extend(check_hf_state_shapes(source.tensor_shapes, shape))
+    return shape
+
+
+# --------------------------------------------------------------------------- Megatron side
+
+
+def resolve_checkpoint_folder(ckpt: str | None, problems: list[Problem], notes: list[str]) -> Path | None:
+    """An iter_NNNNNNN or release folder; a checkpoints directory resolves through its tracker."""
+    if not ckpt:
+        problems.append(Problem("--ckpt", "is required"))
+        return None
+    path = Path(ckpt).absolute()
+    if not path.is_dir():
+        problems.append(Problem("--ckpt", "is not a folder", ckpt))
+        return None
+    if ck.parse_iteration_dir(path.name) is None and path.name != ck.RELEASE:
+        tracker = ck.read_tracker(path)
+        if tracker.problem is not None:
+            problems.append(Problem("--ckpt", f"is neither an iter_NNNNNNN or release folder nor a checkpoints "
+                                    f"directory with a usable {ck.TRACKER} ({tracker.problem})", ckpt))
+            return None
+        path = path / (ck.RELEASE if tracker.release else ck.iter_dir_name(tracker.iteration or 0))
+        notes.append(f"{ck.TRACKER} names {path.name}: converting {path}")
+    folder = ck.CheckpointFolder(path, None if path.name == ck.RELEASE else ck.parse_iteration_dir(path.name))
+    if not folder.complete:
+        problems.append(Problem("--ckpt", f"is not a complete torch_dist checkpoint (no {', '.join(folder.missing)})",
+                                str(path)))
+        return None
+    return path
+
+
+def recipe_for_checkpoint(recipe: str | None, folder: Path | None, notes: list[str],
+                          problems: list[Problem]) -> str | None:
+    """--recipe, else the recipe.yaml that `infir2 train` recorded in exp/<name>/ (two levels above iter_*)."""
+    if recipe:
+        return recipe
+    if folder is not None:
+        recorded = folder.parent.parent / RECORDED_RECIPE
+        if recorded.is_file():
+            notes.append(f"model shape from the experiment's recorded recipe {recorded}")
+            return str(recorded)
+    problems.append(Problem("--recipe", "is required (the checkpoint is not inside an experiment folder with a "
+                            f"recorded {RECORDED_RECIPE})"))
+    return None
+
+
+def checkpoint_tensor_shapes(folder: Path, problems: list[Problem]) -> dict[str, tuple[int, ...]] | None:
+    try:
+        from .convert_entry import checkpoint_tensor_shapes as read_shapes
+
+        return read_shapes(folder)
+    except Exception as exc:
+        problems.append(Problem("--ckpt", f"cannot read the checkpoint's tensor metadata: {exc}", str(folder)))
+        return None
+
+
+def checkpoint_padded_vocab(recipe: Recipe, found: dict[str, tuple[int, ...]], problems: list[Problem]) -> int | None:
+    """The checkpoint's embedding rows, which the recipe must agree with when it states or implies them."""
+    dims = found.get("embedding.word_embeddings.weight")
+    rows = dims[0] if dims else None
+    padded, _ = recipe_padded_vocab(recipe)
+    if padded is not None and rows is not None and rows != padded:
+        problems.append(Problem("model.padded_vocab_size", f"the recipe gives {padded} embedding rows, the "
+                                f"checkpoint has {rows}", padded))
+    return rows if rows is not None else padded
+
+
+def source_config_for(req: ConvertRequest, recipe: Recipe, folder: Path, notes: list[str],
+                      problems: list[Problem]) -> tuple[Path | None, dict[str, Any] | None]:
+    """--hf-config (a config.json or a folder with one), else the copy hf-to-megatron kept beside the checkpoint
+    (converting a converted checkpoint back) or beside the recipe's checkpoint.pretrained (a CPT run from it)."""
+    candidates: list[tuple[Path, bool]] = []
+    if req.hf_config:
+        given = Path(req.hf_config).absolute()
+        candidates.append((given / "config.json" if given.is_dir() else given, True))
+    else:
+        candidates.append((folder.parent / SOURCE_CONFIG_FILE, False))
+        if recipe.checkpoint.pretrained:
+            candidates.append((Path(recipe.checkpoint.pretrained).absolute() / SOURCE_CONFIG_FILE, False))
+    for path, required in candidates:
+        if not path.is_file():
+            if required:
+                problems.append(Problem("--hf-config", "not found", str(path)))
+            continue
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(Problem("--hf-config", f"cannot read {path}: {exc}", str(path)))
+            continue
+        if not isinstance(config, dict):
+            problems.append(Problem("--hf-config", f"{path} is not a JSON object", str(path)))
+            continue
+        notes.append(f"config.json keys (token ids, vocab_size, ...) from {path}")
+        return path, config
+    return None, None
+
+
+def export_vocab(req: ConvertRequest, recipe: Recipe, base: dict[str, Any] | None, padded: int,
+                 notes: list[str]) -> int:
+    """Rows kept in the HF export: --vocab-size, the source config's vocab_size, the NullTokenizer's
+    vocabulary, or every row of the checkpoint."""
+    if req.vocab_size is not None:
+        return req.vocab_size
+    if base and isinstance(base.get("vocab_size"), int):
+        return base["vocab_size"]
+    if recipe.tokenizer.type == "NullTokenizer" and recipe.model.vocab_size <= padded:
+        notes.append(f"vocab_size {recipe.model.vocab_size} from the recipe's NullTokenizer (model.vocab_size)")
+        return recipe.model.vocab_size
+    notes.append(f"no source config.json: keeping all {padded} embedding rows as vocab_size (give --hf-config or "
+                 f"--vocab-size to drop padding rows)")
+    return padded
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def plan_hf_to_megatron(req: ConvertRequest) -> ConvertPlan:
+    problems: list[Problem] = []
+    notes: list[str] = []
+    recipe = load_request_recipe(req.recipe or "7b", req.sets, problems)
+    source = read_hf_source(req.hf, "--hf", problems)
+    out = check_out_dir(req.out, "--out", problems)
+    shape = None
+    if recipe is not None:
+        padded, why = recipe_padded_vocab(recipe)
+        if why:
+            problems.append(why)
+        if source is not None:
+            shape = hf_shape(source, recipe, padded, req.tp, problems)
+        else:
+            problems.extend(tensor_parallel_problems(recipe, padded, req.tp))
+    if problems or shape is None or recipe is None or source is None or out is None:
+        raise ConversionError(problems or [Problem("--hf", "cannot derive the model shape")],
+                              "infir2: cannot convert HF -> Megatron")
+    tp = req.tp if req.tp is not None else recipe.parallel.tensor_parallel
+    notes.append(f"{source.path} -> {out}/release (torch_dist, written unsharded; Megatron reshards it for "
+                 f"TP={tp} when a run loads it)")
+    if shape.padded_vocab_size > shape.vocab_size:
+        notes.append(f"vocabulary padded with {shape.padded_vocab_size - shape.vocab_size} zero rows: "
+                     f"{shape.vocab_size} -> {shape.padded_vocab_size}")
+    entry = ["hf-to-megatron", "--shape", shape_json(shape), "--hf", str(source.path), "--out", str(out)]
+    if not req.verify:
+        entry.append("--no-verify")
+    command = torchrun_command(entry, conversion_megatron_args(recipe, shape.vocab_size, shape.padded_vocab_size,
+                                                               save=out))
+    notes.append(f"then: infir2 train --recipe {req.recipe or '7b'} --set checkpoint.pretrained={out}")
+    return _finish(command, recipe, notes, shape, req.dry_run)
+
+
+def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
+    problems: list[Problem] = []
+    notes: list[str] = []
+    folder = resolve_checkpoint_folder(req.ckpt, problems, notes)
+    recipe_ref = recipe_for_checkpoint(req.recipe, folder, notes, problems)
+    recipe = load_request_recipe(recipe_ref, req.sets, problems) if recipe_ref else None
+    out = check_out_dir(req.out, "--out", problems)
+    if req.tokenizer and not Path(req.tokenizer).is_dir():
+        problems.append(Problem("--tokenizer", "is not a folder", req.tokenizer))
+    found = checkpoint_tensor_shapes(folder, problems) if folder is not None else None
+    shape = None
+    source_path = None
+    if recipe is not None and found is not None:
+        padded = checkpoint_padded_vocab(recipe, found, problems)
+        source_path, base = source_config_for(req, recipe, folder, notes, problems)
+        if padded is not None:
+            if base is not None:
+                vocab_keys = ("config.json vocab_size", "model.padded_vocab_size")
+                problems.extend(p for p in compare_hf_config_with_recipe(base, recipe, padded, 1)
+                                if req.vocab_size is None or p.key not in vocab_keys)
+            vocab = export_vocab(req, recipe, base, padded, notes)
+            if vocab > padded or vocab <= 0:
+                problems.append(Problem("--vocab-size", f"must be between 1 and the checkpoint's {padded} rows", vocab))
+            else:
+                shape = shape_from_recipe(recipe, vocab, padded)
+                from .convert_entry import checkpoint_shape_problems
+
+                problems.extend(Problem("--ckpt", p) for p in checkpoint_shape_problems(found, shape))
+    if problems or shape is None or recipe is None or folder is None or out is None:
+        raise ConversionError(problems or [Problem("--ckpt", "cannot derive the model shape")],
+                              "infir2: cannot convert Megatron -> HF")
+    entry = ["megatron-to-hf", "--shape", shape_json(shape), "--ckpt", str(folder), "--out", str(out)]
+    if source_path is not None:
+        entry += ["--source-config", str(source_path)]
+    if req.tokenizer:
+        entry += ["--tokenizer", str(Path(req.tokenizer).absolute())]
+    notes.append(f"{folder} -> {out} (safetensors + config.json, {shape.vocab_size} of {shape.padded_vocab_size} "
+                 f"vocabulary rows kept; no GPU needed)")
+    return _finish(torchrun_command(entry), recipe, notes, shape, req.dry_run, needs_gpu=False)
+
+
+def plan_check_logits(req: ConvertRequest) -> ConvertPlan:
+    problems: list[Problem] = []
+    notes: list[str] = []
+    folder = resolve_checkpoint_folder(req.ckpt, problems, notes)
+    recipe_ref = recipe_for_checkpoint(req.recipe, folder, notes, problems)
+    recipe = load_request_recipe(recipe_ref, req.sets, problems) if recipe_ref else None
+    source = read_hf_source(req.hf, "--hf", problems)
+    found = checkpoint_tensor_shapes(folder, problems) if folder is not None else None
+    for key, value in (("--batch", req.batch), ("--seq", req.seq)):
+        if value < 1:
+            problems.append(Problem(key, "must be at least 1", value))
+    shape = None
+    if recipe is not None and source is not None and found is not None:
+        padded = checkpoint_padded_vocab(recipe, found, problems)
+        shape = hf_shape(source, recipe, padded, 1, problems)
+        if shape is not None:
+            from .convert_entry import checkpoint_shape_problems
+
+            problems.extend(Problem("--ckpt", p) for p in checkpoint_shape_problems(found, shape))
+        if req.seq > recipe.model.max_position_embeddings:
+            problems.append(Problem("--seq", f"exceeds model.max_position_embeddings "
+                                    f"({recipe.model.max_position_embeddings})", req.seq))
+    if problems or shape is None or recipe is None or folder is None or source is None:
+        raise ConversionError(problems or [Problem("--ckpt", "cannot derive the model shape")],
+                              "infir2: cannot compare logits")
+    entry = ["check-logits", "--shape", shape_json(shape), "--hf", str(source.path), "--ckpt", str(folder),
+             "--dtype", req.dtype, "--batch", str(req.batch), "--seq", str(req.seq), "--seed", str(req.seed),
+             "--max-rel", repr(req.max_rel)]
+    if req.report:
+        entry += ["--report", str(Path(req.report).absolute())]
+    notes.append(f"{folder} (Megatron, {req.dtype}) vs {source.path} (transformers, {req.dtype}) on {req.batch} x "
+                 f"{req.seq} random tokens")
+    command = torchrun_command(entry, conversion_megatron_args(recipe, shape.vocab_size, shape.padded_vocab_size,
+                                                               dtype=req.dtype))
+    return _finish(command, recipe, notes, shape, req.dry_run)
+
+
+def _finish(command: list[str], recipe: Recipe, notes: list[str], shape: ModelShape, dry_run: bool,
+            needs_gpu: bool = True) -> ConvertPlan:
+    machine = gpu_problems() if needs_gpu else []
+    if machine and not dry_run:
+        raise ConversionError(machine, "infir2: cannot convert on this host")
+    return ConvertPlan(command=command, env=conversion_env(recipe), notes=notes, warnings=machine, shape=shape)
+
+
+# --------------------------------------------------------------------------- printing and running
+
+
+def format_plan(plan: ConvertPlan) -> str:
+    """The notes, the environment and the command, shell-quoted, one option (with its value) per line."""
+    lines = [f"# {note}" for note in plan.notes]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in plan.env.items()]
+    parts: list[list[str]] = []
+    for arg in plan.command:
+        if not parts or arg.startswith("-"):
+            parts.append([arg])
+        else:
+            parts[-1].append(arg)
+    rendered = [" ".join(shlex.quote(a) for a in part) for part in parts]
+    lines += [("    " if i else "") + text + (" \\" if i < len(rendered) - 1 else "") for i, text in enumerate(rendered)]
+    return "\n".join(lines)
+
+
+def run_plan(plan: ConvertPlan) -> int:
+    """Run the torchrun command in the foreground; its exit status is ours."""
+    for note in plan.notes:
+        print(f"# {note}", file=sys.stderr)
+    env = {**os.environ, **plan.env}
+    try:
+        return subprocess.call(plan.command, env=env)
+    except KeyboardInterrupt:
+        return 130
