@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,6 +317,9 @@ def test_interrupt_stops_workers_and_leaves_no_final_files(tmp_path: Path, tok_d
     monkeypatch.setattr(data.Progress, "add", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run([src], tok_dir, tmp_path / "toy", workers=2, unit_bytes=2000)
+    deadline = time.monotonic() + 15  # the workers are stopped; on a loaded machine reaping takes a moment
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert multiprocessing.active_children() == []
     assert_nothing_written(tmp_path)
 
