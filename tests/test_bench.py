@@ -66,7 +66,7 @@ def test_7b_issue_shape_gives_the_expected_megatron_arguments(exp_root):
             assert _value(argv, flag) == value, (name, flag)
         assert "--mock-data" in argv and "--data-path" not in argv and "--tokenizer-model" not in argv
         assert "--sequence-parallel" not in argv  # TP 1 on one GPU
-        assert _value(argv, "--save") == ""  # no checkpoint at all, not even Megatron's final one
+        assert "--save" not in argv  # no checkpoint at all, not even Megatron's final one
         assert "--pretrained-checkpoint" not in argv and "--exit-on-missing-checkpoint" not in argv
         assert "--wandb-project" not in argv and "--log-params-norm" not in argv
         assert "--log-num-zeros-in-grad" not in argv and "--profile" not in argv
@@ -93,7 +93,7 @@ def test_child_command_is_infir2_train_with_the_same_overrides(exp_root):
     assert sets == vp.sets
     assert "data.num_workers=2" not in sets  # a key the user sets is left to the user ...
     assert sets.index("precision.fp8=blockwise") > sets.index("data.num_workers=4")  # ... and the variant's come last
-    assert cmd[cmd.index("--") + 1:] == vp.extra_args == ["--save", "", "--log-memory-interval", "25"]
+    assert cmd[cmd.index("--") + 1:] == vp.extra_args == ["--log-memory-interval", "25"]
     text = bench.describe_plan(plan)
     assert "--set precision.fp8=blockwise" in text and "-m infir2_cpt.entry" in text
 
@@ -134,7 +134,7 @@ def test_megatron_parser_accepts_the_fp8_blockwise_bench_run(exp_root, megatron_
     assert (args.micro_batch_size, args.global_batch_size, args.data_parallel_size) == (1, 8, 1)
     assert args.train_iters == 25 and args.eval_iters == 0 and args.log_interval == 1
     assert args.mock_data and args.tokenizer_type == "NullTokenizer"
-    assert args.save == "" and args.save_interval > 0  # saving off; validate_args still satisfied
+    assert args.save is None  # checkpoint.save=false: no --save, so nothing is ever saved
     assert args.log_memory_interval == 25 and args.log_throughput
     assert args.wandb_project is None and not args.log_params_norm and not args.profile
 
@@ -150,7 +150,7 @@ def test_megatron_parser_accepts_the_profiled_bf16_run(exp_root, megatron_parse)
 
 
 def test_no_checkpoint_is_written_megatron_config(exp_root, tmp_path):
-    """Megatron's config container (what pretrain() reads) carries an empty save directory, so both the
+    """Megatron's config container (what pretrain() reads) carries no save directory, so both the
     interval saves (`if args.save and ...`) and the final save (`cfg.checkpoint.save and iteration %
     save_interval != 0`) are off. Run in a child process: Megatron's global state is set once per process."""
     vp = _by_name(_plan(exp_root, recipe="tiny", variants=["bf16-nopao"]))["bf16-nopao"]
@@ -170,7 +170,7 @@ def test_no_checkpoint_is_written_megatron_config(exp_root, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["save"] == "" and not result["skip_train"] and result["interval"] == 100
+    assert not result["save"] and not result["skip_train"]
 
 
 def test_fidelity_uses_the_dataset_tokenizer_seed_and_recipe_schedule(exp_root, tmp_path):
@@ -188,7 +188,7 @@ def test_fidelity_uses_the_dataset_tokenizer_seed_and_recipe_schedule(exp_root, 
         assert _value(argv, "--seed") == "7" and _value(argv, "--train-iters") == "500"
         assert _value(argv, "--lr-warmup-iters") == "30" and _value(argv, "--lr-wsd-decay-iters") == "60"  # tiny's
         assert _value(argv, "--global-batch-size") == "16" and _value(argv, "--seq-length") == "1024"
-        assert _value(argv, "--save") == ""
+        assert "--save" not in argv
     short = _plan(exp_root, recipe="tiny", fidelity=True, data=str(prefix), tokenizer=str(tmp_path / "tok"), steps=50)
     argv = short.variants[0].launch.megatron_args
     assert (_value(argv, "--lr-warmup-iters"), _value(argv, "--lr-wsd-decay-iters")) == ("5", "10")
@@ -242,7 +242,7 @@ def test_candidate_variants_pass_megatron_validation(recipe, seq, exp_root, mega
     assert len(plan.variants) == len(names) + 2
     for vp in plan.variants:
         args = megatron_parse(adjust_megatron_argv(vp.launch.megatron_args, apex_available=False)[0])
-        assert args.save == "" and args.seq_length == seq and args.global_batch_size == 8, vp.name
+        assert args.save is None and args.seq_length == seq and args.global_batch_size == 8, vp.name
         assert (args.fp8 is None) == vp.name.startswith("bf16"), vp.name
     by = _by_name(plan)
     assert "--cross-entropy-loss-fusion" in by["fp8-ce-mbs2"].launch.megatron_args
@@ -538,7 +538,7 @@ def test_cli_dry_run_prints_every_variant_command(cli, exp_root):
         assert f"## variant {name}:" in out
     assert out.count("-m infir2_cpt.cli train --recipe 7b") == 4
     assert out.count("-m infir2_cpt.entry") == 4
-    assert "--set parallel.micro_batch_size=2" in out and "--save ''" in out
+    assert "--set parallel.micro_batch_size=2" in out and "--save " not in out
     assert not exp_root.exists()  # a dry run writes nothing
 
 
@@ -591,7 +591,7 @@ def test_end_to_end_speed(tmp_path):
         assert m["model_tflops_per_gpu"] == pytest.approx(m["megatron_tflops_per_gpu"], rel=2e-3)
         assert not any((root / name / "checkpoints").iterdir())
         argv = json.loads((root / name / "fake_megatron_argv.json").read_text())["argv"]
-        assert _value(argv, "--save") == "" and _value(argv, "--num-layers") == "8"
+        assert "--save" not in argv and _value(argv, "--num-layers") == "8"
         assert "--no-gradient-accumulation-fusion" not in argv  # added by infir2_cpt.entry, not the launcher
     bf16, fp8, mbs2 = results["bf16"], results["fp8-blockwise"], results["fp8-mbs2"]
     assert bf16["metrics"]["step_ms"] == 1988.0 and fp8["metrics"]["step_ms"] == 1686.0

@@ -495,6 +495,7 @@ def bench_sets(recipe: Recipe, req: BenchRequest, steps: int, train_iters: int) 
         put("schedule.decay_iters", 1)
     put("checkpoint.pretrained", None)
     put("checkpoint.async_save", False)
+    put("checkpoint.save", False)
     put("logging.log_interval", 1)
     put("logging.eval_iters", 0)
     put("logging.eval_interval", max(1000, train_iters + 1))
@@ -511,14 +512,12 @@ def bench_sets(recipe: Recipe, req: BenchRequest, steps: int, train_iters: int) 
 def bench_extra_args(train_iters: int, profile_window: Optional[tuple[int, int]]) -> list[str]:
     """Megatron flags every variant gets, after the recipe's (last one wins).
 
-    --save '': Megatron saves at every save_interval *and*, when training ends off an interval, a final
-    checkpoint (training.py: `iteration % save_interval != 0`), whatever the interval. All its save paths
-    test `args.save` for truth, so an empty --save disables saving entirely (validate_args only asks for
-    a save interval, which the recipe gives). --log-memory-interval T prints Megatron's memory report at
+    No checkpoint is written (checkpoint.save=false, set in the overrides: no --save at all, so not even
+    Megatron's final checkpoint, and no free-space check). --log-memory-interval T prints Megatron's memory report at
     the last iteration too, so `max allocated`/`max reserved` cover the whole run, not only the first two
     iterations where Megatron reports it by default.
     """
-    args = ["--save", "", "--log-memory-interval", str(train_iters)]
+    args = ["--log-memory-interval", str(train_iters)]
     if profile_window is not None:
         start, end = profile_window
         args += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),

@@ -147,12 +147,8 @@ def precision_args(recipe: Recipe) -> list[str]:
 
 def checkpoint_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan) -> list[str]:
     c = recipe.checkpoint
-    args = [
-        "--save", str(paths.checkpoints),
-        "--save-interval", str(c.save_interval),
-        "--ckpt-format", c.format,
-        "--load", str(plan.load_dir),
-    ]
+    args = ["--save", str(paths.checkpoints), "--save-interval", str(c.save_interval)] if c.save else []
+    args += ["--ckpt-format", c.format, "--load", str(plan.load_dir)]
     args += _flag(not c.load_rng, "--no-load-rng")
     if plan.ckpt_step is not None:
         args += ["--ckpt-step", str(plan.ckpt_step)]

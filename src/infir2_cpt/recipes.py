@@ -129,6 +129,8 @@ class PrecisionConfig:
 
 @dataclass
 class CheckpointConfig:
+    save: bool = doc("Write checkpoints at all (false for throughput benchmarks: then not even Megatron's "
+                     "final checkpoint is written).", default=True)
     save_interval: int = doc("Save a checkpoint every N iterations.", default=1000)
     format: str = doc("Megatron checkpoint format (torch_dist).", default="torch_dist")
     pretrained: Optional[str] = doc(

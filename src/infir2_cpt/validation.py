@@ -385,6 +385,8 @@ def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | 
     """A machine problem when the checkpoint filesystem cannot hold one more checkpoint. Appends the estimate
     to `notes` (shown by --dry-run)."""
     out = Findings()
+    if not recipe.checkpoint.save:
+        return out
     need = checkpoint_bytes(recipe)
     where = _nearest_existing(paths.checkpoints)
     try:
