@@ -259,7 +259,7 @@ def test_nproc_per_node_zero(exp_root):
     assert one(problems, "launch.nproc_per_node") == "launch.nproc_per_node: must be >= 1 (got 0)"
 
 
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "127.0.0.2", "[::1]", "LOCALHOST"])
 def test_loopback_endpoint_with_several_nodes(host, exp_root):
     problems = config_problems("7b", nnodes=2, rdzv_endpoint=f"{host}:29400")
     text = one(problems, "loopback")
@@ -393,3 +393,10 @@ def test_config_and_machine_problems_separated(exp_root, tmp_path):
         plan_run(req, environ=NO_GPU_PROBE)
     assert [p.key for p in info.value.problems] == ["schedule"]
     assert [p.key for p in info.value.warnings if p.key.startswith("data")] == ["data.blend[0].path"]
+
+
+def test_a_hostname_or_routable_address_is_not_loopback(exp_root):
+    for host in ("node01", "10.1.2.3", "[fe80::1]"):
+        plan = plan_run(LaunchRequest(recipe="7b", nnodes=2, rdzv_endpoint=f"{host}:29400", dry_run=True),
+                        environ=NO_GPU_PROBE)  # no configuration problem at all: the plan is made
+        assert plan.recipe.launch.rdzv_endpoint == f"{host}:29400"

@@ -9,6 +9,7 @@ Every rule runs; nothing stops at the first problem.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -21,7 +22,15 @@ from .recipes import FP8_RECIPES, WSD_DECAY_STYLES, Problem, Recipe
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 FP8_BLOCK = 128
 _ENDPOINT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
-_LOOPBACK = ("localhost", "127.0.0.1", "[::1]", "::1")
+def is_loopback_host(host: str) -> bool:
+    """localhost, or a literal address in 127.0.0.0/8 or ::1 (names are not resolved here)."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -217,7 +226,7 @@ def check_launch(recipe: Recipe, out: Findings) -> None:
     endpoint = parse_endpoint(launch.rdzv_endpoint)
     if endpoint is None:
         out.add("launch.rdzv_endpoint", "must be HOST:PORT with a port in 1-65535", launch.rdzv_endpoint)
-    elif launch.nnodes > 1 and endpoint[0] in _LOOPBACK:
+    elif launch.nnodes > 1 and is_loopback_host(endpoint[0]):
         out.add("launch.rdzv_endpoint", f"is a loopback address but nnodes={launch.nnodes}: other hosts can never "
                 "reach it; give the first node's hostname or IP", launch.rdzv_endpoint)
     if launch.join_timeout < 1:
