@@ -294,3 +294,18 @@ def test_second_decay_refused_even_before_a_checkpoint(stable: Path, env: Path) 
     with pytest.raises(LaunchError) as info:
         plan_decay("200")
     assert any(p.key == "--load" for p in info.value.problems)
+
+
+def test_stable_exp_names_the_stable_run_trained_under_another_exp(env: Path, cli) -> None:
+    """`infir2 train --recipe tiny --exp myrun` then `infir2 decay --recipe tiny --stable-exp myrun --load iter_100`."""
+    stable_dir = env / "myrun" / "checkpoints"
+    make_ckpt(stable_dir, 100)
+    set_tracker(stable_dir, "100")
+    result = cli("decay", "--recipe", "tiny", "--load", "iter_0000100", "--stable-exp", "myrun",
+                 "--exp", "myrun_decay", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"--load {stable_dir}" in result.output and "--ckpt-step 100" in result.output
+    assert f"--save {env / 'myrun_decay' / 'checkpoints'}" in result.output
+    assert "--train-iters 160" in result.output
+    missing = cli("decay", "--recipe", "tiny", "--load", "iter_0000100", "--dry-run")  # looks in exp/tiny
+    assert "warning: --load" in missing.output and "does not exist" in missing.output

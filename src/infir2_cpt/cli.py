@@ -92,6 +92,9 @@ def decay(
     recipe: RecipeOpt,
     load: Annotated[str, typer.Option(
         "--load", help="Stable-phase checkpoint: iter_0035000 (in the stable run's checkpoints), or a path to an iter_* folder.")],
+    stable_exp: Annotated[Optional[str], typer.Option(
+        "--stable-exp", help="The stable run's experiment name, when it was trained with --exp (default: the "
+        "recipe's stable_name).")] = None,
     sets: SetOpt = None,
     nnodes: NnodesOpt = None,
     nproc_per_node: NprocOpt = None,
@@ -110,7 +113,7 @@ def decay(
     """
     _run(launcher.LaunchRequest(recipe=recipe, sets=sets or [], extra_args=extra or [], nnodes=nnodes,
                                 nproc_per_node=nproc_per_node, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
-                                exp=exp, dry_run=dry_run, decay_load=load))
+                                exp=exp, dry_run=dry_run, decay_load=load, stable_exp=stable_exp))
 
 
 @app.command("recipes")

@@ -50,6 +50,7 @@ class LaunchRequest:
     exp: str | None = None
     dry_run: bool = False
     decay_load: str | None = None  # set for `infir2 decay`
+    stable_exp: str | None = None  # `infir2 decay --stable-exp`: the stable run's experiment name
 
 
 @dataclass
@@ -90,7 +91,8 @@ def _cli_sets(req: LaunchRequest) -> list[str]:
     """Command-line options become --set assignments, so they are typed and validated like the recipe."""
     sets = []
     for key, value in (("launch.nnodes", req.nnodes), ("launch.nproc_per_node", req.nproc_per_node),
-                       ("launch.rdzv_endpoint", req.rdzv_endpoint), ("launch.rdzv_id", req.rdzv_id)):
+                       ("launch.rdzv_endpoint", req.rdzv_endpoint), ("launch.rdzv_id", req.rdzv_id),
+                       ("stable_name", req.stable_exp)):
         if value is not None:
             sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     return sets
