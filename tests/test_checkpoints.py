@@ -503,3 +503,20 @@ def test_checkpoints_unknown_experiment_exits_2(launch_env: Path, cli) -> None: 
     assert result.exit_code == 2
     result = cli("checkpoints", "tiny", "--recipe", "no-such-recipe")
     assert result.exit_code == 2 and "unknown recipe" in result.stderr
+
+
+def test_first_launch_from_a_base_model_says_how_fp8_master_weights_start(exp_root, monkeypatch, tmp_path):
+    from infir2_cpt.launch import LaunchRequest, plan_run
+
+    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.entry")
+    base = tmp_path / "base"
+    (base / "release").mkdir(parents=True)
+    (base / "latest_checkpointed_iteration.txt").write_text("release")
+    for name in ("metadata.json", ".metadata"):
+        (base / "release" / name).write_text("{}")
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"checkpoint.pretrained={base}"]))
+    assert plan.load.pretrained == base
+    assert any("master weights" in note for note in plan.notes)
+    bf16 = plan_run(LaunchRequest(recipe="tiny", dry_run=True,
+                                  sets=[f"checkpoint.pretrained={base}", "precision.fp8=null"]))
+    assert not any("master weights" in note for note in bf16.notes)

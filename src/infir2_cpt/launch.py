@@ -175,6 +175,9 @@ def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: 
         notes.append(f"{point.reason}")
     if recipe.checkpoint.pretrained:
         notes.append(f"no checkpoint of this run yet: starting from the base model {recipe.checkpoint.pretrained}")
+        if recipe.precision.fp8 and recipe.precision.fp8_param_gather:
+            notes.append("precision.fp8_param_gather: Megatron builds the FP32 master weights from the FP8 "
+                         "parameters, i.e. the base model's weights once quantized (not from the BF16 checkpoint)")
         return LoadPlan(load_dir=paths.checkpoints, pretrained=Path(recipe.checkpoint.pretrained),
                         expect_checkpoint=True), repair
     notes.append("no checkpoint of this run yet and checkpoint.pretrained is not set: starting from random "
