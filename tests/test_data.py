@@ -411,3 +411,21 @@ def test_toy_corpus_is_deterministic(tmp_path: Path) -> None:
     assert a == (tmp_path / "b.jsonl").read_bytes() and len(a) >= 200_000
     first = json.loads(a.splitlines()[0])
     assert set(first) == {"id", "text", "source"} and len(first["text"].split()) > 10
+
+
+def test_workers_start_with_stop_signals_blocked_until_their_own_handlers_are_set(
+        tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker SIGTERMed right after fork (the parent stops a slow starter once the others finished every
+    unit) must simply die, never run the parent's SIGTERM handler inside its copy of the parent's stack."""
+    seen: list[set[int]] = []
+    start = multiprocessing.get_context("fork").Process.start
+
+    def start_and_record_mask(self) -> None:
+        seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        start(self)
+
+    monkeypatch.setattr(multiprocessing.get_context("fork").Process, "start", start_and_record_mask)
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in DOCS])
+    run([src], tok_dir, tmp_path / "toy", workers=2)
+    assert seen and all({signal.SIGTERM, signal.SIGINT} <= mask for mask in seen)
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # restored in the parent

@@ -522,10 +522,16 @@ def _backend_tokenizer(tokenizer_json: str) -> Any:
     return tokenizer
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _worker_main(settings: _Settings, tasks: Any, events: Any, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() must end us at once (fork copies
                                                    # the parent's SIGTERM handler)
+    # _run_workers forked us with these signals blocked: until the two lines above ran, a SIGTERM would
+    # have run the parent's handler here, raising KeyboardInterrupt into a copy of the parent's stack
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # one core per worker: --workers is the parallelism, the tokenizer's own threads would oversubscribe
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
@@ -577,8 +583,12 @@ def _run_workers(units: list[WorkUnit], settings: _Settings, workers: int, progr
         # Python warns about forking a multi-threaded process; the only other thread here is the idle
         # OpenBLAS pool that importing numpy starts, and OpenBLAS makes itself fork-safe
         warnings.filterwarnings("ignore", message=".*multi-threaded, use of fork", category=DeprecationWarning)
-        for process in processes:
-            process.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # see _worker_main
+        try:
+            for process in processes:
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     results: dict[int, UnitResult] = {}
     try:
         while len(results) < len(units):

@@ -416,11 +416,14 @@ def start_console_tee(log_file: Path) -> None:
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    tee_ignores = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, tee_ignores)  # no signal between fork and SIG_IGN
     if os.fork() == 0:  # the tee
         os.close(write_end)
         os.setsid()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        for signum in tee_ignores:
             signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         terminal = os.dup(1)
         with open(log_file, "ab", buffering=0) as log:
             while chunk := os.read(read_end, 1 << 16):
@@ -430,6 +433,7 @@ def start_console_tee(log_file: Path) -> None:
                 except OSError:
                     pass  # the terminal went away; keep logging
         os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     os.close(read_end)
     os.dup2(write_end, 1)
     os.dup2(write_end, 2)
