@@ -355,12 +355,19 @@ def plan_hf_to_megatron(req: ConvertRequest) -> ConvertPlan:
     return _finish(command, recipe, notes, shape, req.dry_run)
 
 
-def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
-    problems: list[Problem] = []
-    notes: list[str] = []
+def checkpoint_and_recipe(req: ConvertRequest, problems: list[Problem],
+                          notes: list[str]) -> tuple[Path | None, Recipe | None]:
+    """The iter_* folder named by --ckpt and the recipe that describes it (--recipe, else the run's own)."""
     folder = resolve_checkpoint_folder(req.ckpt, problems, notes)
     recipe_ref = recipe_for_checkpoint(req.recipe, folder, notes, problems)
     recipe = load_request_recipe(recipe_ref, req.sets, problems) if recipe_ref else None
+    return folder, recipe
+
+
+def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
+    problems: list[Problem] = []
+    notes: list[str] = []
+    folder, recipe = checkpoint_and_recipe(req, problems, notes)
     out = check_out_dir(req.out, "--out", problems)
     if req.tokenizer and not Path(req.tokenizer).is_dir():
         problems.append(Problem("--tokenizer", "is not a folder", req.tokenizer))
@@ -399,9 +406,7 @@ def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
 def plan_check_logits(req: ConvertRequest) -> ConvertPlan:
     problems: list[Problem] = []
     notes: list[str] = []
-    folder = resolve_checkpoint_folder(req.ckpt, problems, notes)
-    recipe_ref = recipe_for_checkpoint(req.recipe, folder, notes, problems)
-    recipe = load_request_recipe(recipe_ref, req.sets, problems) if recipe_ref else None
+    folder, recipe = checkpoint_and_recipe(req, problems, notes)
     source = read_hf_source(req.hf, "--hf", problems)
     found = checkpoint_tensor_shapes(folder, problems) if folder is not None else None
     for key, value in (("--batch", req.batch), ("--seq", req.seq)):

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import checkpoints as ck
 from .layout import ExperimentPaths
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
@@ -439,6 +437,3 @@ def start_console_tee(log_file: Path) -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
 
-
-def dump_plan_yaml(plan: LaunchPlan) -> str:
-    return yaml.safe_dump({"command": plan.command, "env": plan.env}, sort_keys=False)
