@@ -432,7 +432,7 @@ def bench_cmd(
         "overrides, --megatron-flag[=value] and base=VARIANT, e.g. "
         "--variant fp8-mbs2:base=fp8-blockwise,parallel.micro_batch_size=2 (repeatable).")] = None,
     variants_file: Annotated[Optional[str], typer.Option(
-        "--variants-file", metavar="YAML", help="More variants: `variants: {NAME: {base, set, args}}` (all are run).")] = None,
+        "--variants-file", metavar="YAML", help="More variants: `variants: {NAME: {base, set, args}}` (run when named in --variants; without --variants, after the defaults).")] = None,
     baseline: Annotated[str, typer.Option("--baseline", help="The variant the ratios are taken against.")] = "bf16",
     sets: SetOpt = None,
     nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", help="GPUs (processes) per variant.")] = 1,

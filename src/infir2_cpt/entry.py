@@ -14,6 +14,7 @@ import sys
 from functools import partial
 from typing import Any, Iterator
 
+from . import wgrad_fusion
 from .wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -195,6 +196,9 @@ def die_with_launcher() -> None:
 def main(argv: list[str] | None = None) -> None:
     die_with_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if wgrad_fusion.install_if_enabled() and wgrad_fusion.stand_in_registered():  # before megatron.core looks
+        print("infir2.entry: gradient-accumulation fusion kept on with infir2's stand-in for APEX's "
+              f"{wgrad_fusion.MODULE_NAME}", flush=True)
     argv, notes = adjust_megatron_argv(argv)
     for note in notes:
         print(f"infir2.entry: {note}", flush=True)

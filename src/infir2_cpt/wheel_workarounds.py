@@ -5,19 +5,22 @@ tests can check them.
 1. megatron.training's initialize runs `make` in megatron/core/datasets to build the dataset helpers.
    The wheel ships the compiled helpers_cpp module but no Makefile, so rank 0 would exit.
 2. --gradient-accumulation-fusion (Megatron's default) needs APEX's fused_weight_gradient_mlp_cuda for
-   the output layer; without APEX the first backward raises.
+   the output layer; without APEX the first backward raises. With INFIR2_WGRAD_FUSION=1 the entry
+   registers infir2's stand-in (wgrad_fusion.py) first and the fusion stays on.
 3. --cross-entropy-fusion-impl te is refused by 0.19.2 ("disabled due to stability issues"); native works.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 APEX_WGRAD_MODULE = "fused_weight_gradient_mlp_cuda"
 
 
 def apex_wgrad_fusion_available() -> bool:
-    return importlib.util.find_spec(APEX_WGRAD_MODULE) is not None
+    """APEX's module, or infir2's stand-in for it (wgrad_fusion.py) once registered."""
+    return APEX_WGRAD_MODULE in sys.modules or importlib.util.find_spec(APEX_WGRAD_MODULE) is not None
 
 
 def _value_after(argv: list[str], flag: str) -> int | None:
@@ -34,7 +37,8 @@ def adjust_megatron_argv(argv: list[str], apex_available: bool | None = None) ->
         apex_available = apex_wgrad_fusion_available()
     if not apex_available and "--no-gradient-accumulation-fusion" not in argv:
         argv.append("--no-gradient-accumulation-fusion")
-        notes.append(f"APEX's {APEX_WGRAD_MODULE} is not installed: added --no-gradient-accumulation-fusion")
+        notes.append(f"APEX's {APEX_WGRAD_MODULE} is not installed: added --no-gradient-accumulation-fusion "
+                     "(INFIR2_WGRAD_FUSION=1 keeps the fusion with infir2's stand-in)")
     index = _value_after(argv, "--cross-entropy-fusion-impl")
     if index is not None and argv[index] == "te":
         argv[index] = "native"
