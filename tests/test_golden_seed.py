@@ -171,7 +171,7 @@ def test_table_rows_are_real_and_needed(in_tmp_cwd, megatron_options):
                  "--no-load-optim", "--profile", "--use-pytorch-profiler", "--record-memory-history",
                  "--untie-embeddings-and-output-weights", "--data-cache-path", "--load", "--padded-vocab-size",
                  "--ckpt-format", "--exit-signal-handler", "--log-memory-to-tensorboard", "--ckpt-step",
-                 "--exit-on-missing-checkpoint"):
+                 "--exit-on-missing-checkpoint", "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl"):
         assert flag in all_diffs, f"{flag} is listed as a deviation but infir2 now matches the seed"
 
 

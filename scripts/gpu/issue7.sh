@@ -37,6 +37,15 @@ step_I() { bench b7-I "${S7[@]}" "${Q[@]}" --baseline fp8-ce \
 step_K() { bench b7-K "${S7[@]}" "${Q[@]}" --baseline bf16-ce-bf16states \
   --variants bf16-ce-bf16states,fp8-ce-bf16states,fp8-ce-nopao,fp8-ce-cudagraph; }
 
+# Issue 10: the full 7B recipe (28 layers, seq 32768, TP 4, sequence parallel, the recipe's FP8 flags) on 4 GPUs
+# (DP 1) and 8 GPUs (DP 2); mock data and 8 micro-batches per DP rank per step (GBS 8 / 16) instead of the
+# recipe's GBS 128, so that 13 iterations fit a 10-minute call. `*seed` adds the seed's own flags (no fusions).
+FULL=(--recipe 7b --tensor-parallel 4 --steps 10 --warmup-steps 3)
+step_full4() { bench b7-full-tp4 "${FULL[@]}" --nproc-per-node 4 --variants bf16,fp8-blockwise; }
+step_full4seed() { bench b7-full-tp4-seed "${FULL[@]}" --nproc-per-node 4 --baseline bf16-seedflags \
+  --variants bf16-seedflags,fp8-seedflags; }
+step_full8() { bench b7-full-tp4-dp2 "${FULL[@]}" --nproc-per-node 8 --variants bf16,fp8-blockwise; }
+
 # The fidelity corpus: 60 MB of generated English-like text, its 32k BPE tokenizer, prepare-data.
 step_data() {
   local d=$EV/data; mkdir -p "$d"
@@ -72,10 +81,11 @@ step_collect() {
   ls -la "$OUT"
 }
 
-run_on() {  # STEP[@GPU]
-  local step=${1%@*} gpu=0
-  [[ $1 == *@* ]] && gpu=${1#*@}
-  CUDA_VISIBLE_DEVICES=$gpu "step_$step"
+run_on() {  # STEP[@GPU] (a step without @ sees every GPU when it is a multi-GPU step, else GPU 0)
+  local step=${1%@*}
+  if [[ $1 == *@* ]]; then CUDA_VISIBLE_DEVICES=${1#*@} "step_$step"
+  elif [[ $step == full* ]]; then "step_$step"
+  else CUDA_VISIBLE_DEVICES=0 "step_$step"; fi
 }
 
 for item in "$@"; do
