@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt import bench
-from infir2_cpt.bench import (BenchError, BenchRequest, ModelShape, Variant, VariantResult, classify_kernel,
-                              flops_per_sequence, gpu_peak, model_flops, parse_variant_spec, plan_bench, ratios,
-                              trace_breakdown, variant_metrics)
+from infir2_cpt.bench import (BenchError, BenchRequest, Variant, VariantResult, classify_kernel, flops_per_sequence,
+                              gpu_peak, model_flops, parse_variant_spec, plan_bench, ratios, trace_breakdown,
+                              variant_metrics)
+from infir2_cpt.model_shape import ModelShape
 from infir2_cpt.runlog import parse_log
 from infir2_cpt.wheel_workarounds import adjust_megatron_argv
 
@@ -356,6 +357,23 @@ def test_metrics_from_megatron_log_lines():
     assert m["final_loss_window"] == pytest.approx(sum(11.9 - 0.1 * i for i in range(8, 13)) / 5)
 
 
+def test_a_variant_whose_steps_spread_is_flagged_as_noisy():
+    """The 2100 ms step among ~1988 ms ones (5.8 %) is more than a GPU of its own shows (1-2.5 % on an H200)."""
+    m = variant_metrics(parse_log(MEGATRON_LOG), warmup_steps=2, tokens_per_iteration=8 * 8192, world_size=1,
+                        flops_per_iteration=None, peak_tflops=None)
+    assert bench.step_spread(m) == pytest.approx((2100 - 1985) / 1988)
+    warning = bench.noise_warning("fp8", m)
+    assert warning and warning.startswith("fp8: timed steps spread 6% (fastest 1985 ms, slowest 2100 ms")
+    assert "re-run it alone" in warning
+    steady = {**m, "step_ms_max": 2010.0}
+    assert bench.noise_warning("fp8", steady) is None
+    assert bench.noise_warning("fp8", {"step_ms": None}) is None
+    result = VariantResult(name="fp8", description="", sets=[], extra_args=[], command=[], fp8="blockwise",
+                           status="ok", exit_code=0, seconds=1.0, metrics={**m, "step_ms_spread": bench.step_spread(m)},
+                           warnings=[warning])
+    assert "| fp8 | ok (noisy) | 1988.0 | 5.8 % |" in bench.format_table([result], "fp8", "H200 SXM")
+
+
 def test_ratios_mfu_and_fidelity_gap():
     base = {"step_ms": 2000.0, "tokens_per_s_per_gpu": 100.0, "megatron_tflops_per_gpu": 500.0,
             "max_allocated_gib": 70.0, "max_reserved_gib": 80.0, "final_loss_window": 3.0, "final_loss": 3.0}
@@ -442,7 +460,7 @@ def test_table_json_and_plots(tmp_path):
     assert results[1].fidelity["pass"]
     table = bench.format_table(results, "bf16", "H200 SXM")
     assert table.splitlines()[0].startswith("| variant | status | step ms")
-    assert "| fp8-blockwise | ok | 1590.0 |" in table and "| 0.800 |" in table
+    assert "| fp8-blockwise | ok | 1590.0 | - |" in table and "| 0.800 |" in table
     fidelity = bench.format_table(results, "bf16", "H200 SXM", fidelity=True)
     assert "(baseline)" in fidelity and "+0.34 %" in fidelity
     bench.write_json(tmp_path / "bench.json", {"variants": [r.__dict__ for r in results]})

@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from infir2_cpt import conversion as cv  # noqa: E402
+from infir2_cpt.model_shape import ModelShape  # noqa: E402
 from infir2_cpt.recipes import load_recipe, recipe_to_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +71,11 @@ def tiny_model(tied: bool, dtype=torch.float32, seed: int = 0, **overrides):
     return model.to(dtype).eval()
 
 
-def tiny_shape(tied: bool, padded: int = TINY["padded"]) -> cv.ModelShape:
-    return cv.ModelShape(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
-                         num_query_groups=2, kv_channels=64, tied_embeddings=tied, vocab_size=TINY["vocab"],
-                         padded_vocab_size=padded, rotary_base=1000000.0, norm_epsilon=1e-6,
-                         max_position_embeddings=64)
+def tiny_shape(tied: bool, padded: int = TINY["padded"]) -> ModelShape:
+    return ModelShape(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
+                      num_query_groups=2, seq_length=64, kv_channels=64, tied_embeddings=tied,
+                      vocab_size=TINY["vocab"], padded_vocab_size=padded, rotary_base=1000000.0, norm_epsilon=1e-6,
+                      max_position_embeddings=64)
 
 
 def source_state(model, tied: bool) -> dict:
@@ -196,9 +197,9 @@ def test_norms_and_projection_names():
 
 def test_qkv_split_inverts_fuse_for_7b_and_1_5b_shapes():
     for heads, groups, hidden in ((28, 4, 3584), (12, 2, 1536)):
-        shape = cv.ModelShape(num_layers=1, hidden_size=hidden, ffn_hidden_size=128, num_attention_heads=heads,
-                              num_query_groups=groups, kv_channels=hidden // heads, tied_embeddings=False,
-                              vocab_size=8, padded_vocab_size=8)
+        shape = ModelShape(num_layers=1, hidden_size=hidden, ffn_hidden_size=128, num_attention_heads=heads,
+                           num_query_groups=groups, seq_length=64, kv_channels=hidden // heads, tied_embeddings=False,
+                           vocab_size=8, padded_vocab_size=8)
         q = torch.randn(shape.q_size, 3)
         k, v = torch.randn(shape.kv_size, 3), torch.randn(shape.kv_size, 3)
         assert all(torch.equal(a, b) for a, b in zip(cv.split_qkv(cv.fuse_qkv(q, k, v, shape), shape), (q, k, v)))
@@ -283,13 +284,30 @@ def test_sharded_safetensors_with_index_load(tmp_path):
 
 def test_config_for_the_published_qwen2_5_shapes():
     recipe = load_recipe("1.5b").recipe
-    shape = cv.shape_from_recipe(recipe, 151936, 151936)
+    shape = ModelShape.from_recipe(recipe, padded_vocab_size=151936, vocab_size=151936)
     config = cv.hf_config_dict(shape, None)
     assert (config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]) == (1536, 8960, 2)
     assert config["tie_word_embeddings"] is True and config["vocab_size"] == 151936
     assert cv.expected_megatron_shapes(shape)["decoder.layers.0.self_attention.linear_qkv.weight"] == (2048, 1536)
-    seven = cv.shape_from_recipe(load_recipe("7b").recipe, 152064, 152064)
+    seven = ModelShape.from_recipe(load_recipe("7b").recipe, padded_vocab_size=152064, vocab_size=152064)
     assert seven.kv_channels == 128 and seven.qkv_rows == 4608 and not seven.tied_embeddings
+
+
+def test_bench_and_conversion_share_one_model_shape():
+    """One type for the FLOP count and the mapping; a FLOP-only shape (no HF vocabulary) cannot be mapped."""
+    from infir2_cpt import bench
+
+    assert bench.ModelShape is cv.ModelShape is ModelShape
+    recipe = load_recipe("7b").recipe
+    shape = ModelShape.from_recipe(recipe, padded_vocab_size=152064)
+    assert shape.vocab_size == recipe.model.vocab_size and shape.seq_length == recipe.model.seq_length
+    flop_only = ModelShape(shape.num_layers, shape.hidden_size, shape.ffn_hidden_size, shape.num_attention_heads,
+                           shape.num_query_groups, shape.seq_length, shape.padded_vocab_size)
+    assert flop_only.kv_channels is None and flop_only.head_dim == shape.kv_channels == 128
+    assert flop_only.qkv_rows == shape.qkv_rows == 4608
+    assert bench.model_flops(flop_only, 8) == bench.model_flops(shape, 8)
+    assert shape.problems() == []
+    assert [str(p) for p in flop_only.problems()] == ["vocab_size: must be positive (got 0)"]
 
 
 # --------------------------------------------------------------------------- HF config vs recipe
@@ -407,7 +425,7 @@ def megatron_cpu_convert(tmp_path: Path, tied: bool) -> tuple[Path, Path, dict]:
 
     hf = save_hf(tiny_model(tied, torch.float32, seed=11), tmp_path / "hf")
     recipe = load_recipe("tiny", tiny_sets(tied)).recipe
-    shape = cv.shape_from_recipe(recipe, 1000, 1024)
+    shape = ModelShape.from_recipe(recipe, padded_vocab_size=1024, vocab_size=1000)
     megatron_args = convert_launch.conversion_megatron_args(recipe, 1000, 1024, save=tmp_path / "meg",
                                                             dtype="fp32") + CPU_MEGATRON
     spec = {"hf": str(hf), "shape": shape.__dict__, "megatron_args": megatron_args,

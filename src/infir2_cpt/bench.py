@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -35,6 +35,7 @@ import yaml
 
 from .launch import DEFAULT_ENTRY, ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
 from .layout import exp_root
+from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
 from .runlog import RunLog, parse_log
 
@@ -219,24 +220,6 @@ def select_variants(names: Sequence[str], always: Sequence[Variant] = (),
 # --------------------------------------------------------------------------- FLOPs and peaks
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the FLOP count needs: a Qwen2.5-style decoder (GQA attention, SwiGLU MLP, untied logits)."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    seq_length: int
-    padded_vocab_size: int
-    kv_channels: Optional[int] = None  # default hidden_size / heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-
 def flops_per_sequence(shape: ModelShape) -> dict[str, float]:
     """Training FLOPs (forward + backward) of one sequence, by part.
 
@@ -254,8 +237,7 @@ def flops_per_sequence(shape: ModelShape) -> dict[str, float]:
     same number; tests/test_bench.py holds them equal.
     """
     s, h, L = shape.seq_length, shape.hidden_size, shape.num_layers
-    q = shape.head_dim * shape.num_attention_heads
-    g = shape.head_dim * shape.num_query_groups
+    q, g = shape.q_size, shape.kv_size  # heads x head_dim, query groups x head_dim
     return {
         "attention_projections": 6.0 * s * L * h * (q + 2 * g + q),
         "attention_core": 6.0 * s * s * L * q,
@@ -549,13 +531,6 @@ def _padded_vocab(recipe: Recipe) -> int:
     return -(-(recipe.model.vocab_size + 1) // multiple) * multiple
 
 
-def shape_of(recipe: Recipe) -> ModelShape:
-    m = recipe.model
-    return ModelShape(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-                      num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-                      seq_length=m.seq_length, padded_vocab_size=_padded_vocab(recipe))
-
-
 def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -> BenchPlan:
     """Resolve and validate every variant with infir2's own planner; raises BenchError listing every problem.
     Touches nothing: no folder is created, no GPU is used."""
@@ -616,7 +591,8 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
         world = r.launch.nnodes * r.launch.nproc_per_node
         plans.append(VariantPlan(variant=variant, sets=sets, extra_args=extra, launch=launch, train_iters=train_iters,
                                  tokens_per_iteration=r.parallel.global_batch_size * r.model.seq_length,
-                                 world_size=world, shape=shape_of(r), fp8=r.precision.fp8))
+                                 world_size=world, shape=ModelShape.from_recipe(r, padded_vocab_size=_padded_vocab(r)),
+                                 fp8=r.precision.fp8))
     if req.baseline not in [v.name for v in variants]:
         warnings.append(Problem("--baseline", f"'{req.baseline}' is not among the variants run: no ratios",
                                 req.baseline))
@@ -808,6 +784,27 @@ def padded_vocab_from_log(text: str) -> Optional[int]:
     return int(match.group(3)) if match else None
 
 
+# Timed steps of one variant on a GPU that nothing else uses differ by 1-2.5 % (7B shape on an H200, runs A, B
+# and D of docs/benchmarks.md); the disturbed 1.5B run (another job on the host) spread by 9-46 %.
+NOISY_SPREAD = 0.05
+
+
+def step_spread(metrics: Mapping[str, Any]) -> Optional[float]:
+    """(slowest - fastest timed step) / median step: how steady the timed steps were."""
+    lo, hi, mid = metrics.get("step_ms_min"), metrics.get("step_ms_max"), metrics.get("step_ms")
+    return (hi - lo) / mid if lo is not None and hi is not None and mid else None
+
+
+def noise_warning(name: str, metrics: Mapping[str, Any]) -> Optional[str]:
+    """A warning when a variant's timed steps spread more than NOISY_SPREAD, else None."""
+    spread = step_spread(metrics)
+    if spread is None or spread <= NOISY_SPREAD:
+        return None
+    return (f"{name}: timed steps spread {spread:.0%} (fastest {metrics['step_ms_min']:.0f} ms, slowest "
+            f"{metrics['step_ms_max']:.0f} ms; steady runs stay under {NOISY_SPREAD:.0%}): something else was "
+            "using this GPU or host, so its step time and ratios are unreliable; re-run it alone")
+
+
 def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
     return value / base if value is not None and base else None
 
@@ -883,6 +880,7 @@ class VariantResult:
     iterations: list[dict[str, Any]] = field(default_factory=list)
     breakdown: Optional[dict[str, Any]] = None
     console_tail: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Optional[GpuPeak]) -> VariantResult:
@@ -891,7 +889,7 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
     shape = vp.shape
     vocab = padded_vocab_from_log(run.console)
     if vocab is not None and vp.launch.recipe.model.padded_vocab_size is None:
-        shape = ModelShape(**{**asdict(shape), "padded_vocab_size": vocab})
+        shape = replace(shape, padded_vocab_size=vocab)
     flops = model_flops(shape, vp.launch.recipe.parallel.global_batch_size)
     metrics = variant_metrics(log, plan.request.warmup_steps if plan.mode == "speed" else 0,
                               vp.tokens_per_iteration, vp.world_size, flops, peak_for(peak, vp.fp8),
@@ -914,6 +912,9 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
         iterations=[{"iteration": it.iteration, "loss": it.loss, "iter_ms": it.iter_ms,
                      "tflops": it.values.get(THROUGHPUT_KEY)} for it in log.iterations],
         console_tail=run.console.splitlines()[-40:] if status != "ok" else [])
+    metrics["step_ms_spread"] = step_spread(metrics)
+    if plan.mode == "speed" and (warning := noise_warning(vp.name, metrics)):
+        result.warnings.append(warning)
     if plan.profile_window is not None:
         traces = sorted((plan.root / vp.name).glob(TRACE_GLOB))
         if traces:
@@ -956,13 +957,16 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
                  "(baseline)" if r.name == baseline else ("yes" if r.fidelity.get("pass") else "NO") if r.fidelity else "-",
                  _fmt(r.metrics.get("step_ms"))] for r in results]
     else:
-        head = ["variant", "status", "step ms", "tokens/s/GPU", "TFLOP/s/GPU (Megatron)", "TFLOP/s/GPU (formula)",
+        head = ["variant", "status", "step ms", "spread", "tokens/s/GPU", "TFLOP/s/GPU (Megatron)", "TFLOP/s/GPU (formula)",
                 f"MFU ({gpu_label})", "max alloc GiB", "max reserved GiB", f"x {baseline} time",
                 f"x {baseline} alloc", f"x {baseline} reserved"]
         rows = []
         for r in results:
             m, q = r.metrics, r.ratios
-            rows.append([r.name, r.status, _fmt(m.get("step_ms")), _fmt(m.get("tokens_per_s_per_gpu"), ",.0f"),
+            spread = m.get("step_ms_spread")
+            rows.append([r.name, r.status + (" (noisy)" if r.warnings else ""), _fmt(m.get("step_ms")),
+                         _fmt(spread * 100 if spread is not None else None, ".1f", " %"),
+                         _fmt(m.get("tokens_per_s_per_gpu"), ",.0f"),
                          _fmt(m.get("megatron_tflops_per_gpu")), _fmt(m.get("model_tflops_per_gpu")),
                          _fmt(m["mfu"] * 100 if m.get("mfu") is not None else None, ".1f", " %"),
                          _fmt(m.get("max_allocated_gib")), _fmt(m.get("max_reserved_gib")),
@@ -1295,6 +1299,8 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
         result = collect_result(plan, vp, run, peak)
         results.append(result)
         echo(f"[bench] {vp.name}: {result.status} after {result.seconds:.0f} s")
+        for warning in result.warnings:
+            echo(f"[bench] WARNING {warning}")
         if result.status != "ok":
             for line in result.console_tail[-15:]:
                 echo(f"[{vp.name}]   {line}")
@@ -1354,6 +1360,7 @@ def summary(report: BenchReport) -> str:
     failed = [r for r in report.results if r.status != "ok"]
     for r in failed:
         lines.append(f"{r.name}: {r.status}; console: {report.plan.root / r.name / 'bench-console.log'}")
+    lines += [f"WARNING {w}" for r in report.results for w in r.warnings]
     lines += [f"wrote {p}" for p in report.written]
     return "\n".join(lines)
 

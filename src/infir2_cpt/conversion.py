@@ -37,10 +37,10 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .model_shape import ModelShape
 from .recipes import Problem, Recipe
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so that the CLI starts fast
@@ -72,58 +72,7 @@ class ConversionError(Exception):
         super().__init__(f"{title}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-# --------------------------------------------------------------------------- shape
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the mapping needs to know about a Qwen2-style model."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    tied_embeddings: bool
-    vocab_size: int  # rows of the HF embedding (config.json vocab_size)
-    padded_vocab_size: int  # rows of the Megatron embedding (>= vocab_size)
-    rotary_base: float = 1000000.0
-    norm_epsilon: float = 1e-6
-    max_position_embeddings: int = 32768
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_attention_heads // self.num_query_groups
-
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.kv_channels
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_query_groups * self.kv_channels
-
-    @property
-    def qkv_rows(self) -> int:
-        return self.q_size + 2 * self.kv_size
-
-    def problems(self) -> list[Problem]:
-        """Inconsistencies that make the mapping impossible."""
-        out: list[Problem] = []
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                     "kv_channels", "vocab_size", "padded_vocab_size"):
-            if getattr(self, name) <= 0:
-                out.append(Problem(name, "must be positive", getattr(self, name)))
-        if out:
-            return out
-        if self.num_attention_heads % self.num_query_groups:
-            out.append(Problem("num_query_groups", f"must divide the {self.num_attention_heads} attention heads",
-                               self.num_query_groups))
-        if self.padded_vocab_size < self.vocab_size:
-            out.append(Problem("padded_vocab_size", f"is smaller than the HF vocabulary ({self.vocab_size} rows)",
-                               self.padded_vocab_size))
-        return out
+# --------------------------------------------------------------------------- shape (ModelShape: model_shape.py)
 
 
 def megatron_padded_vocab(vocab_size: int, tensor_parallel: int,
@@ -150,17 +99,6 @@ def recipe_padded_vocab(recipe: Recipe) -> tuple[int | None, Problem | None]:
                          "(set it to the HF config's vocab_size)")
 
 
-def shape_from_recipe(recipe: Recipe, vocab_size: int, padded_vocab_size: int) -> ModelShape:
-    m = recipe.model
-    return ModelShape(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        kv_channels=m.hidden_size // m.num_attention_heads if m.num_attention_heads else 0,
-        tied_embeddings=not m.untie_embeddings, vocab_size=vocab_size, padded_vocab_size=padded_vocab_size,
-        rotary_base=float(m.rotary_base), norm_epsilon=float(m.norm_epsilon),
-        max_position_embeddings=m.max_position_embeddings)
-
-
 def hf_rope_theta(config: Mapping[str, Any]) -> float | None:
     """rope_theta from a config.json: transformers 4.x writes rope_theta, 5.x rope_parameters.rope_theta."""
     params = config.get("rope_parameters")
@@ -168,28 +106,6 @@ def hf_rope_theta(config: Mapping[str, Any]) -> float | None:
         return float(params["rope_theta"])
     value = config.get("rope_theta")
     return None if value is None else float(value)
-
-
-def hf_kv_channels(config: Mapping[str, Any]) -> int:
-    head_dim = config.get("head_dim")
-    if head_dim:
-        return int(head_dim)
-    heads = int(config.get("num_attention_heads") or 0)
-    return int(config.get("hidden_size", 0)) // heads if heads else 0
-
-
-def shape_from_hf_config(config: Mapping[str, Any], padded_vocab_size: int | None = None) -> ModelShape:
-    """The shape a Qwen2 config.json describes; padded_vocab_size defaults to the HF vocabulary."""
-    heads = int(config.get("num_attention_heads") or 0)
-    vocab = int(config.get("vocab_size") or 0)
-    return ModelShape(
-        num_layers=int(config.get("num_hidden_layers") or 0), hidden_size=int(config.get("hidden_size") or 0),
-        ffn_hidden_size=int(config.get("intermediate_size") or 0), num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        kv_channels=hf_kv_channels(config), tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        vocab_size=vocab, padded_vocab_size=padded_vocab_size if padded_vocab_size is not None else vocab,
-        rotary_base=hf_rope_theta(config) or 10000.0, norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(config.get("max_position_embeddings") or 32768))
 
 
 # --------------------------------------------------------------------------- checks
@@ -370,7 +286,7 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, shape: ModelShape) -> Tensor:
     """HF q/k/v projections (weights [rows, h] or biases [rows]) -> Megatron's grouped [q.., k, v] per group."""
     import torch
 
-    g, d, hpg = shape.num_query_groups, shape.kv_channels, shape.heads_per_group
+    g, d, hpg = shape.num_query_groups, shape.head_dim, shape.heads_per_group
     rest = tuple(q.shape[1:])
     grouped = torch.cat([q.reshape(g, hpg * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
     return grouped.reshape(shape.qkv_rows, *rest).clone()
@@ -378,7 +294,7 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, shape: ModelShape) -> Tensor:
 
 def split_qkv(qkv: Tensor, shape: ModelShape) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of fuse_qkv."""
-    g, d, hpg = shape.num_query_groups, shape.kv_channels, shape.heads_per_group
+    g, d, hpg = shape.num_query_groups, shape.head_dim, shape.heads_per_group
     rest = tuple(qkv.shape[1:])
     grouped = qkv.reshape(g, (hpg + 2) * d, *rest)
     q = grouped[:, : hpg * d].reshape(shape.q_size, *rest).clone()
@@ -560,7 +476,7 @@ def hf_config_dict(shape: ModelShape, base: Mapping[str, Any] | None = None, dty
     config["rope_parameters"] = {**(params if isinstance(params, dict) else {"rope_type": "default"}),
                                  "rope_theta": float(shape.rotary_base)}
     if config.get("head_dim") is not None:
-        config["head_dim"] = shape.kv_channels
+        config["head_dim"] = shape.head_dim
     defaults = {"max_position_embeddings": shape.max_position_embeddings, "attention_dropout": 0.0,
                 "initializer_range": 0.02, "use_cache": True, "use_sliding_window": False,
                 "max_window_layers": shape.num_layers, "sliding_window": None}

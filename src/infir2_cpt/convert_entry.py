@@ -36,7 +36,6 @@ from .conversion import (
     CONVERSION_RECORD,
     HF_CONFIG_FILE,
     SOURCE_CONFIG_FILE,
-    ModelShape,
     copy_tokenizer_files,
     expected_checkpoint_shapes,
     expected_hf_shapes,
@@ -51,6 +50,7 @@ from .conversion import (
     unstack_layers,
     write_hf_folder,
 )
+from .model_shape import ModelShape
 
 MODES = ("hf-to-megatron", "megatron-to-hf", "check-logits")
 

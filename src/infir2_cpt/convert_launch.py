@@ -25,18 +25,17 @@ from . import checkpoints as ck
 from .conversion import (
     SOURCE_CONFIG_FILE,
     ConversionError,
-    ModelShape,
     check_hf_state_shapes,
     compare_hf_config_with_recipe,
     hf_tensor_shapes,
     read_hf_config,
     recipe_padded_vocab,
-    shape_from_recipe,
     tensor_parallel_problems,
 )
 from .launch import resolve_env
 from .torchrun import GRACE_ENV
 from .megatron_args import model_args
+from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, load_recipe
 
 ENTRY_MODULE = "infir2_cpt.convert_entry"
@@ -203,7 +202,7 @@ def hf_shape(source: HfSource, recipe: Recipe, padded: int | None, tp: int | Non
     vocab = source.config.get("vocab_size")
     if padded is None or not isinstance(vocab, int) or vocab <= 0 or vocab > padded:
         return None
-    shape = shape_from_recipe(recipe, vocab, padded)
+    shape = ModelShape.from_recipe(recipe, padded_vocab_size=padded, vocab_size=vocab)
     if not config_problems:  # tensor shapes of a model that is already known to differ are noise
         problems.extend(check_hf_state_shapes(source.tensor_shapes, shape))
     return shape
@@ -386,7 +385,7 @@ def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
             if vocab > padded or vocab <= 0:
                 problems.append(Problem("--vocab-size", f"must be between 1 and the checkpoint's {padded} rows", vocab))
             else:
-                shape = shape_from_recipe(recipe, vocab, padded)
+                shape = ModelShape.from_recipe(recipe, padded_vocab_size=padded, vocab_size=vocab)
                 from .convert_entry import checkpoint_shape_problems
 
                 problems.extend(Problem("--ckpt", p) for p in checkpoint_shape_problems(found, shape))
