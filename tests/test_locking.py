@@ -29,7 +29,7 @@ def paths(tmp_path: Path) -> ExperimentPaths:
 
 
 def _holder(paths: ExperimentPaths, *, nnodes: int = 1, endpoint: str = "localhost:29400",
-            rdzv_id: str = "job-a", seconds: float = 30) -> subprocess.Popen:
+            rdzv_id: str = "job-a", seconds: float = 30, gpus: str | None = None) -> subprocess.Popen:
     """A child process that takes the lock like a launcher would, says so, and keeps it for `seconds`."""
     code = textwrap.dedent(f"""
         import sys, time
@@ -41,7 +41,10 @@ def _holder(paths: ExperimentPaths, *, nnodes: int = 1, endpoint: str = "localho
         print("held" if result.held else "skipped", flush=True)
         time.sleep({seconds})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     assert line == "held", line
@@ -276,12 +279,40 @@ def test_two_nodes_of_one_job_on_one_host_do_not_refuse_each_other(paths: Experi
     """One-machine multi-node tests run both launchers on the host of the endpoint."""
     holder = _holder(paths, nnodes=2, endpoint="127.0.0.1:29400", rdzv_id="job-a")
     try:
-        result = locking.acquire(paths, nnodes=2, rdzv_endpoint="127.0.0.1:29400", rdzv_id="job-a")
+        result = locking.acquire(paths, nnodes=2, rdzv_endpoint="127.0.0.1:29400", rdzv_id="job-a",
+                                 gpus_present=False)
         assert result.held is None and "another node of this multi-node job" in result.messages[0]
         with pytest.raises(locking.LockError):  # another job (other rendezvous id) on the same experiment
             locking.acquire(paths, nnodes=2, rdzv_endpoint="127.0.0.1:29400", rdzv_id="job-b")
         with pytest.raises(locking.LockError):  # a single-node launch on it
             locking.acquire(paths)
+    finally:
+        _stop(holder)
+
+
+def test_the_same_multi_node_command_twice_on_one_gpu_node_is_refused(paths: ExperimentPaths,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU host a second launcher of the same job with the same GPUs is a duplicate (it would take the
+    other node's place in the rendezvous); with other GPUs it is a second node on this host and joins."""
+    holder = _holder(paths, nnodes=2, endpoint="127.0.0.1:29400", rdzv_id="job-a", gpus="0,1")
+    try:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        with pytest.raises(locking.LockError, match=r"on the same GPUs \(CUDA_VISIBLE_DEVICES: 0,1\)"):
+            locking.acquire(paths, nnodes=2, rdzv_endpoint="127.0.0.1:29400", rdzv_id="job-a", gpus_present=True)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+        result = locking.acquire(paths, nnodes=2, rdzv_endpoint="127.0.0.1:29400", rdzv_id="job-a",
+                                 gpus_present=True)
+        assert result.held is None and "another node of this multi-node job" in result.messages[0]
+    finally:
+        _stop(holder)
+
+
+def test_all_gpus_twice_is_refused_too(paths: ExperimentPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    holder = _holder(paths, nnodes=2, endpoint="127.0.0.1:29400", rdzv_id="job-a")
+    try:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        with pytest.raises(locking.LockError, match="CUDA_VISIBLE_DEVICES: all"):
+            locking.acquire(paths, nnodes=2, rdzv_endpoint="127.0.0.1:29400", rdzv_id="job-a", gpus_present=True)
     finally:
         _stop(holder)
 

@@ -203,7 +203,9 @@ def _start(nodes: Nodes, index: int, *, port: int, exp: str, tmp_path: Path, joi
             "--set", f"launch.join_timeout={join_timeout}"]
     env = dict(os.environ)
     env.update({"INFIR2_ENTRY": str(WORKER), "INFIR2_EXP_ROOT": str(tmp_path / "exp"),
-                "MULTINODE_OUT": str(tmp_path / f"ranks-{exp}"), "OMP_NUM_THREADS": "1"})
+                "MULTINODE_OUT": str(tmp_path / f"ranks-{exp}"), "OMP_NUM_THREADS": "1",
+                # two nodes on one GPU host must not share GPUs (the lock refuses that); the stand-in uses none
+                "CUDA_VISIBLE_DEVICES": f"none-node{index}"})
     env.pop("TORCHELASTIC_RUN_ID", None)
     proc = subprocess.Popen(nodes.wrap(index, argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -561,7 +561,8 @@ def test_two_nodes_of_one_job_on_one_host_share_the_lock(tmp_path: Path) -> None
     second joins without refusing; no other launch can take the experiment meanwhile."""
     endpoint = f"{socket.gethostname()}:{_free_port()}"
     args = ["--recipe", "tiny", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
-    node_a = Launch(tmp_path, args, tag="a")
+    # each "node" its own (non-existent) GPUs: on a GPU host the lock refuses two launchers on the same GPUs
+    node_a = Launch(tmp_path, args, tag="a", CUDA_VISIBLE_DEVICES="none-a")
     node_b = None
     try:
         deadline = time.monotonic() + 60
@@ -569,7 +570,7 @@ def test_two_nodes_of_one_job_on_one_host_share_the_lock(tmp_path: Path) -> None
         while not lock_file.exists():
             assert node_a.proc.poll() is None and time.monotonic() < deadline, node_a.text()
             time.sleep(0.05)
-        node_b = Launch(tmp_path, args, tag="b")
+        node_b = Launch(tmp_path, args, tag="b", CUDA_VISIBLE_DEVICES="none-b")
         node_a.wait_for("ready-0.json")
         node_b.wait_for("ready-1.json")
         assert json.loads(lock_file.read_text())["pid"] == node_a.proc.pid

@@ -21,7 +21,10 @@ Rules (docs/reliability.md explains them):
 - multi-node (nnodes > 1): only the launcher on the host that owns the rendezvous endpoint's address (the
   one whose torchrun hosts the c10d store, like torch's own is_host rule) takes the lock; the other nodes
   skip it. A second launcher of the *same* multi-node job on the same host (same rendezvous id and
-  endpoint; one-machine tests) joins without the lock instead of refusing.
+  endpoint; one-machine tests, or two nodes' worth of GPUs split by CUDA_VISIBLE_DEVICES) joins without the
+  lock instead of refusing, unless it would use the same GPUs as the first: on a host with NVIDIA GPUs and
+  the same CUDA_VISIBLE_DEVICES that is the same command typed twice on one node, which would take the
+  other node's place in the rendezvous and share its GPUs, so it is refused.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class LockInfo:
     nnodes: int = 1
     slurm_job_id: str | None = None
     slurm_restart_count: int = 0
+    cuda_visible_devices: str | None = None  # the GPUs this launch's workers see (None: all of them)
     command: list[str] = field(default_factory=list)
     version: int = LOCK_VERSION
 
@@ -243,7 +247,21 @@ def new_info(*, rdzv_id: str | None = None, rdzv_endpoint: str | None = None, nn
                     started_epoch=round(now, 3), proc_start=stat[1] if stat else None, boot_id=_boot_id(),
                     rdzv_id=rdzv_id, rdzv_endpoint=rdzv_endpoint, nnodes=nnodes,
                     slurm_job_id=os.environ.get("SLURM_JOB_ID") or None,
-                    slurm_restart_count=int(restarts) if restarts.isdigit() else 0, command=list(sys.argv)[:64])
+                    slurm_restart_count=int(restarts) if restarts.isdigit() else 0,
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), command=list(sys.argv)[:64])
+
+
+def host_has_nvidia_gpus() -> bool:
+    """True where the NVIDIA driver's control device exists (no CUDA initialisation needed)."""
+    return os.path.exists("/dev/nvidiactl")
+
+
+def _duplicate_node_message(paths: ExperimentPaths, holder: LockInfo) -> str:
+    gpus = holder.cuda_visible_devices if holder.cuda_visible_devices is not None else "all"
+    return (f"this host already runs a launcher of this multi-node job ({holder.describe()}) on the same GPUs "
+            f"(CUDA_VISIBLE_DEVICES: {gpus}): the same command started twice on one node would take another "
+            f"node's place in the rendezvous and share these GPUs. Run it once per node, each on its own host; "
+            f"to run two nodes of experiment {paths.name} on one host, give each its own CUDA_VISIBLE_DEVICES")
 
 
 def _earlier_run_of_this_slurm_job(holder: LockInfo, me: LockInfo) -> bool:
@@ -338,9 +356,10 @@ def _held_message(paths: ExperimentPaths, holder: LockInfo) -> str:
 
 
 def acquire(paths: ExperimentPaths, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
-            rdzv_id: str | None = None) -> LockResult:
+            rdzv_id: str | None = None, gpus_present: bool | None = None) -> LockResult:
     """Take the experiment's lock for this process (kept across exec). Raises LockError when another live
-    launch holds it, when it belongs to another host, or when it cannot be read. Creates exp/<name>/."""
+    launch holds it, when it belongs to another host, or when it cannot be read. Creates exp/<name>/.
+    gpus_present: whether this host has NVIDIA GPUs (default: looked up)."""
     lock = paths.lock_file
     messages: list[str] = []
     if nnodes > 1:
@@ -374,6 +393,10 @@ def acquire(paths: ExperimentPaths, *, nnodes: int = 1, rdzv_endpoint: str | Non
         if holder_alive(holder):
             if (nnodes > 1 and holder.nnodes > 1 and holder.rdzv_id == rdzv_id
                     and holder.rdzv_endpoint == rdzv_endpoint):
+                if gpus_present is None:
+                    gpus_present = host_has_nvidia_gpus()
+                if gpus_present and holder.cuda_visible_devices == me.cuda_visible_devices:
+                    raise LockError(_duplicate_node_message(paths, holder))
                 messages.append(f"another node of this multi-node job holds the experiment lock on this host "
                                 f"({holder.describe()}); joining it without the lock")
                 return LockResult(None, messages)
