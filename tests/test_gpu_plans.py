@@ -1,0 +1,34 @@
+"""The GPU plan scripts stay runnable as the code changes: every bench step of scripts/gpu/issue7.sh (issues 7
+and 10) is validated with `DRY=1`, which runs the real `infir2 bench --dry-run` (infir2's validation and the
+variants file) without a GPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "gpu" / "issue7.sh"
+BENCH_STEPS = ("A", "B", "D", "E", "G", "I", "K", "full4", "full4seed", "full8")
+
+
+def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
+    env = {**os.environ, "DRY": "1", "EV": str(tmp_path / "ev"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", str(SCRIPT), *BENCH_STEPS, "collect"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = (tmp_path / "ev" / "steps.txt").read_text()
+    exits = re.findall(r"bench (\S+): exit (\d+)", steps)
+    assert len(exits) == len(BENCH_STEPS), steps
+    failed = {name: code for name, code in exits if code != "0"}
+    consoles = tmp_path / "ev" / "console"
+    assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
+    # the 4- and 8-GPU steps really plan the full 7B at TP 4 (issue 10)
+    full8 = (consoles / "b7-full-tp4-dp2.txt").read_text()
+    assert "--nproc-per-node=8" in full8 and "--tensor-model-parallel-size 4" in full8
+    assert "--num-layers 28" in full8 and "--seq-length 32768" in full8
+    assert (tmp_path / "ev" / "out" / "results.tgz").is_file()
