@@ -61,6 +61,7 @@ def test_megatron_keeps_the_fusion_and_its_linear_layer_accumulates_through_the_
         import os, torch, torch.distributed as dist
         from infir2_cpt import wgrad_fusion
         assert wgrad_fusion.install_if_enabled() and wgrad_fusion.stand_in_registered()
+        assert wgrad_fusion.install_if_enabled()  # idempotent: registered once, still the stand-in
         from infir2_cpt.wheel_workarounds import adjust_megatron_argv
         assert adjust_megatron_argv(["--bf16"]) == (["--bf16"], [])
         from megatron.core.tensor_parallel import layers

@@ -797,7 +797,7 @@ def step_spread(metrics: Mapping[str, Any]) -> Optional[float]:
 
 def noise_warning(name: str, metrics: Mapping[str, Any]) -> Optional[str]:
     """A warning when a variant's timed steps spread more than NOISY_SPREAD, else None."""
-    spread = step_spread(metrics)
+    spread = metrics.get("step_ms_spread")
     if spread is None or spread <= NOISY_SPREAD:
         return None
     return (f"{name}: timed steps spread {spread:.0%} (fastest {metrics['step_ms_min']:.0f} ms, slowest "
@@ -821,12 +821,16 @@ def variant_metrics(log: RunLog, warmup_steps: int, tokens_per_iteration: int, w
     mfu_basis = ours if ours is not None else (statistics.median(megatron_tflops) if megatron_tflops else None)
     losses = [it.loss for it in its if it.loss is not None]
     window = losses[-loss_window:]
-    return {
-        "iterations_logged": len(its),
-        "timed_iterations": len(steady),
+    timing = {
         "step_ms": step_ms,
         "step_ms_min": min(it.iter_ms for it in steady) if steady else None,  # type: ignore[type-var]
         "step_ms_max": max(it.iter_ms for it in steady) if steady else None,  # type: ignore[type-var]
+    }
+    return {
+        "iterations_logged": len(its),
+        "timed_iterations": len(steady),
+        **timing,
+        "step_ms_spread": step_spread(timing),
         "tokens_per_s_per_gpu": tokens_per_iteration / (step_ms / 1000.0) / world_size if step_ms else None,
         "megatron_tflops_per_gpu": statistics.median(megatron_tflops) if megatron_tflops else None,
         "model_tflops_per_gpu": ours,
@@ -912,7 +916,6 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
         iterations=[{"iteration": it.iteration, "loss": it.loss, "iter_ms": it.iter_ms,
                      "tflops": it.values.get(THROUGHPUT_KEY)} for it in log.iterations],
         console_tail=run.console.splitlines()[-40:] if status != "ok" else [])
-    metrics["step_ms_spread"] = step_spread(metrics)
     if plan.mode == "speed" and (warning := noise_warning(vp.name, metrics)):
         result.warnings.append(warning)
     if plan.profile_window is not None:

@@ -196,7 +196,7 @@ def die_with_launcher() -> None:
 def main(argv: list[str] | None = None) -> None:
     die_with_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if wgrad_fusion.install_if_enabled() and wgrad_fusion.stand_in_registered():  # before megatron.core looks
+    if wgrad_fusion.install_if_enabled():  # before megatron.core looks for APEX's module
         print("infir2.entry: gradient-accumulation fusion kept on with infir2's stand-in for APEX's "
               f"{wgrad_fusion.MODULE_NAME}", flush=True)
     argv, notes = adjust_megatron_argv(argv)

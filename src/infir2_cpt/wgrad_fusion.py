@@ -12,24 +12,27 @@ into `out` with the output in `main_grad`'s dtype, as TE's own layers call it), 
 where TE or CUDA is absent (the CPU tests).
 
 Switched by the environment variable INFIR2_WGRAD_FUSION (recipe key `env.INFIR2_WGRAD_FUSION`):
-`1` registers the stand-in when APEX is missing, `0` (the default) leaves gradient-accumulation fusion off
-without APEX. See docs/benchmarks.md for the measurement.
+`1` (every shipped recipe sets it) registers the stand-in when APEX is missing; `0`, or unset, leaves
+gradient-accumulation fusion off without APEX. See docs/benchmarks.md for the measurement.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
-import importlib.util
 import os
 import sys
 import types
 
 import torch
 
-MODULE_NAME = "fused_weight_gradient_mlp_cuda"
+from .wheel_workarounds import APEX_WGRAD_MODULE as MODULE_NAME
+from .wheel_workarounds import apex_wgrad_fusion_available
+
 ENV_SWITCH = "INFIR2_WGRAD_FUSION"
 
 
+@functools.cache  # looked up once: the stand-in runs in every backward pass of the output layer
 def _te_general_gemm():
     """Transformer Engine's GEMM, or None where TE cannot be imported (CPU-only installs)."""
     try:
@@ -76,19 +79,17 @@ def enabled(environ: dict[str, str] | None = None) -> bool:
     return value in ("1", "true", "yes", "on")
 
 
-def install() -> bool:
-    """Register the stand-in under APEX's module name unless the real module exists. True when the name
-    is importable afterwards. Must run before megatron.core.tensor_parallel is imported, which probes the
-    module once at import time."""
-    if MODULE_NAME in sys.modules or importlib.util.find_spec(MODULE_NAME) is not None:
-        return True
+def install() -> None:
+    """Register the stand-in under APEX's module name unless the real module (or the stand-in) is there.
+    Must run before megatron.core.tensor_parallel is imported, which probes the module once at import time."""
+    if apex_wgrad_fusion_available():
+        return
     module = types.ModuleType(MODULE_NAME, __doc__)
     module.__spec__ = importlib.machinery.ModuleSpec(MODULE_NAME, loader=None, origin=__name__)
     module.wgrad_gemm_accum_fp32 = wgrad_gemm_accum_fp32  # type: ignore[attr-defined]
     module.wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp16  # type: ignore[attr-defined]
     module.infir2_stand_in = True  # type: ignore[attr-defined]
     sys.modules[MODULE_NAME] = module
-    return True
 
 
 def stand_in_registered() -> bool:
@@ -96,5 +97,8 @@ def stand_in_registered() -> bool:
 
 
 def install_if_enabled(environ: dict[str, str] | None = None) -> bool:
-    """The entry's switch: register the stand-in when INFIR2_WGRAD_FUSION asks for it."""
-    return install() if enabled(environ) else False
+    """The entry's switch: register the stand-in when INFIR2_WGRAD_FUSION asks for it. True when the stand-in
+    is what Megatron will find (False when switched off, or when APEX itself is installed)."""
+    if enabled(environ):
+        install()
+    return stand_in_registered()
