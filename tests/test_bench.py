@@ -150,6 +150,15 @@ def test_megatron_parser_accepts_the_profiled_bf16_run(exp_root, megatron_parse)
     assert not args.record_memory_history  # the recipe's profile switch also records memory history: not here
 
 
+def test_megatron_parser_accepts_the_memory_snapshot_run(exp_root, megatron_parse):
+    plan = _plan(exp_root, recipe="7b", layers=8, seq=8192, variants=["bf16", "fp8-blockwise"], memory_snapshot=True)
+    for vp in plan.variants:
+        args = megatron_parse(adjust_megatron_argv(vp.launch.megatron_args, apex_available=False)[0])
+        assert args.record_memory_history and not args.profile  # history only: no profiler trace
+        assert args.memory_snapshot_path == str(plan.root / vp.name / "memory_snapshot.pickle")
+    assert any(w.key == "--memory-snapshot" and "slows every iteration" in w.message for w in plan.warnings)
+
+
 def test_no_checkpoint_is_written_megatron_config(exp_root, tmp_path):
     """Megatron's config container (what pretrain() reads) carries no save directory, so both the
     interval saves (`if args.save and ...`) and the final save (`cfg.checkpoint.save and iteration %
@@ -671,6 +680,26 @@ def test_end_to_end_profile_and_a_failing_variant(tmp_path):
     assert (root / "breakdown.png").read_bytes()[:4] == b"\x89PNG"
     assert "| gemm fp8 | 0.90 |" in (root / "table.md").read_text()
     assert "boom: failed (exit 1)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_end_to_end_memory_snapshot(tmp_path):
+    """Each variant's snapshot (written where --memory-snapshot-path says) is read back into bench.json and
+    table.md: what is live at the peak, by phase, beside Megatron's max allocated."""
+    proc = _bench(tmp_path, "--recipe", "tiny", "--memory-snapshot", "--variants", "bf16,fp8-blockwise",
+                  "--steps", "2", "--warmup-steps", "2", "--exp-name", "mem")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = tmp_path / "exp" / "mem"
+    data = json.loads((root / "bench.json").read_text())
+    assert data["memory_snapshot"] is True
+    bf16, fp8 = data["variants"]
+    assert bf16["memory"]["snapshot"] == str(root / "bf16" / "memory_snapshot.pickle")
+    assert fp8["memory"]["phases"]["forward"]["gib"] - bf16["memory"]["phases"]["forward"]["gib"] == pytest.approx(
+        20 / 1024, abs=1e-3)  # fake_snapshot.QUANTIZED
+    table = (root / "table.md").read_text()
+    assert "| live at the peak, by phase | bf16 GiB | fp8-blockwise GiB |" in table
+    assert "| max allocated (Megatron) |" in table
+    assert "slows every iteration" in proc.stderr
 
 
 @pytest.mark.slow

@@ -27,8 +27,15 @@ step_B() { bench b7-B "${S7[@]}" "${Q[@]}" --baseline bf16-ce \
   --variants bf16-ce,bf16-ce-wgrad,fp8-ce,fp8-ce-wgrad,bf16-ce-mbs2,fp8-ce-mbs2; }
 # 16 layers: the FP8-able share of the FLOPs grows from 70.5 % to 78.6 %.
 step_D() { bench b7-D --recipe 7b --layers 16 --seq 8192 "${Q[@]}" --baseline bf16-ce --variants bf16-ce,fp8-ce,fp8-ce-wgrad; }
-# Qwen2.5-1.5B as the recipe has it (28 layers, tied embeddings), seq 8192.
-step_E() { bench b15-E --recipe 1.5b --seq 8192 "${Q[@]}" --variants bf16,bf16-ce,fp8-blockwise,fp8-ce,fp8-ce-wgrad --baseline bf16-ce; }
+# Qwen2.5-1.5B as the recipe has it (28 layers, tied embeddings), seq 8192, alone on the host (run E of
+# session 2 ran beside a 7B bench and was disturbed). The built-ins carry the recipes' fusions; *-seedflags not.
+step_E() { bench b15-E2 --recipe 1.5b --seq 8192 "${Q[@]}" --variants bf16,fp8-blockwise,bf16-seedflags,fp8-seedflags; }
+# The same with untied embeddings (the GPU probe's 1.5B was untied).
+step_U() { bench b15-U --recipe 1.5b --seq 8192 "${Q[@]}" --set model.untie_embeddings=true --variants bf16,fp8-blockwise; }
+# Where the 1.5B step goes.
+step_P() { bench b15-P --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --profile --variants bf16,fp8-blockwise; }
+# What is live at the memory peak, by phase and call site (the allocator's history; slows the steps).
+step_M() { bench b7-M "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants bf16,fp8-blockwise; }
 # Where a step's time goes (PyTorch profiler, 3 iterations after the warm-up).
 step_G() { bench b7-G "${S7[@]}" --steps 6 --warmup-steps 3 --profile --baseline bf16-ce --variants bf16-ce,fp8-ce; }
 # Screening of the remaining candidates beside fp8-ce.

@@ -8,7 +8,8 @@ module computes tokens/s per GPU, model FLOPs with an explicit formula (model_fl
 GPU's dense peak for the variant's precision, and ratios against a baseline variant (BF16).
 
 Also here: a time breakdown of a PyTorch-profiler trace by kernel category (trace_breakdown), used by
-`infir2 bench --profile` and `infir2 bench --breakdown TRACE`.
+`infir2 bench --profile` and `infir2 bench --breakdown TRACE`. `--memory-snapshot` records the CUDA
+allocator's history in every variant and attributes the peak (memory_snapshot.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import yaml
 
 from .launch import DEFAULT_ENTRY, ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
 from .layout import exp_root
+from .memory_snapshot import PHASE_ORDER, snapshot_breakdown
 from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
 from .runlog import RunLog, parse_log
@@ -49,6 +51,7 @@ TABLE_FILE = "table.md"
 PLOT_FILE = "bench.png"
 BREAKDOWN_PLOT_FILE = "breakdown.png"
 TRACE_GLOB = "torch_profile/rank-*.json*"
+MEMORY_SNAPSHOT_FILE = "memory_snapshot.pickle"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")  # one folder name (validation.check_name)
 
 
@@ -318,6 +321,7 @@ class BenchRequest:
     loss_window: int = 20
     profile: bool = False
     profile_steps: int = 3
+    memory_snapshot: bool = False
     timeout_minutes: Optional[float] = None
     dry_run: bool = False
     verbose: bool = False
@@ -507,6 +511,12 @@ def bench_extra_args(train_iters: int, profile_window: Optional[tuple[int, int]]
     return args
 
 
+def memory_snapshot_args(variant_root: Path) -> list[str]:
+    """Megatron records the allocator's history from model construction on and rewrites the snapshot at every
+    logged iteration, so the file left is the last iteration's (its event window ends there)."""
+    return ["--record-memory-history", "--memory-snapshot-path", str(variant_root / MEMORY_SNAPSHOT_FILE)]
+
+
 @contextlib.contextmanager
 def _exp_root_env(root: Path) -> Iterator[None]:
     """INFIR2_EXP_ROOT pointed at the bench folder while planning (ExperimentPaths reads os.environ)."""
@@ -566,7 +576,8 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
     validation_env["INFIR2_EXP_ROOT"] = str(root)
     for variant in variants:
         sets = [*common_sets, *req.sets, *variant.sets]
-        extra = [*common_extra, *req.extra_args, *variant.extra_args]
+        extra = [*common_extra, *req.extra_args, *variant.extra_args,
+                 *(memory_snapshot_args(root / variant.name) if req.memory_snapshot else [])]
         launch_req = LaunchRequest(recipe=req.recipe, sets=sets, extra_args=extra, nnodes=1,
                                    nproc_per_node=req.nproc_per_node, rdzv_endpoint="localhost:29400",
                                    exp=variant.name, dry_run=True)
@@ -596,6 +607,10 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
     if req.baseline not in [v.name for v in variants]:
         warnings.append(Problem("--baseline", f"'{req.baseline}' is not among the variants run: no ratios",
                                 req.baseline))
+    if req.memory_snapshot:
+        warnings.append(Problem("--memory-snapshot", "recording the allocator's history slows every iteration (a "
+                                "Python stack per allocation, a snapshot written per logged iteration): compare "
+                                "memory from this run, step times from a run without it"))
     if not req.fidelity and req.warmup_steps < 2:
         warnings.append(Problem("--warmup-steps", "Megatron's second logged iteration still averages in the "
                                 "first one; time from iteration 3 on (--warmup-steps 2 or more)", req.warmup_steps))
@@ -883,6 +898,7 @@ class VariantResult:
     fidelity: dict[str, Any] = field(default_factory=dict)
     iterations: list[dict[str, Any]] = field(default_factory=list)
     breakdown: Optional[dict[str, Any]] = None
+    memory: Optional[dict[str, Any]] = None
     console_tail: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -927,7 +943,18 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
                 result.breakdown = {"trace": str(traces[0]), "error": str(exc)}
         else:
             result.breakdown = {"error": f"no trace under {plan.root / vp.name / 'torch_profile'}"}
+    if plan.request.memory_snapshot:
+        result.memory = _memory_result(plan.root / vp.name / MEMORY_SNAPSHOT_FILE)
     return result
+
+
+def _memory_result(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"error": f"no memory snapshot at {path}"}
+    try:
+        return snapshot_breakdown(path)
+    except (OSError, ValueError, KeyError) as exc:
+        return {"snapshot": str(path), "error": f"{type(exc).__name__}: {exc}"}
 
 
 def apply_baseline(results: list[VariantResult], baseline: str, fidelity: bool) -> None:
@@ -996,6 +1023,24 @@ def format_breakdowns(results: Sequence[VariantResult]) -> str:
                        ("step_wall_ms", "step wall time")):
         cells = [_fmt(r.breakdown.get(key), ".2f") for r in profiled] + [""] * len(profiled)  # type: ignore[union-attr]
         lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def format_memory_breakdowns(results: Sequence[VariantResult]) -> str:
+    """GiB live at each variant's memory peak by training phase, one column per variant with a snapshot."""
+    recorded = [r for r in results if r.memory and "phases" in r.memory]
+    if not recorded:
+        return ""
+    head = ["live at the peak, by phase"] + [f"{r.name} GiB" for r in recorded]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    phases = [p for p in (*PHASE_ORDER, "allocated before the event window")
+              if any(p in r.memory["phases"] for r in recorded)]  # type: ignore[index]
+    for phase in phases:
+        cells = [_fmt(r.memory["phases"].get(phase, {}).get("gib"), ".2f") for r in recorded]  # type: ignore[index]
+        lines.append("| " + " | ".join([phase, *cells]) + " |")
+    lines.append("| " + " | ".join(["peak (replayed)", *(_fmt(r.memory["peak_gib"], ".2f") for r in recorded)]) + " |")  # type: ignore[index]
+    lines.append("| " + " | ".join(["max allocated (Megatron)",
+                                    *(_fmt(r.metrics.get("max_allocated_gib"), ".2f") for r in recorded)]) + " |")
     return "\n".join(lines)
 
 
@@ -1279,6 +1324,7 @@ def _payload(plan: BenchPlan, results: Sequence[VariantResult], gpu_name: Option
         "micro_batch_size": first.launch.recipe.parallel.micro_batch_size if first else None,
         "tensor_parallel": first.launch.recipe.parallel.tensor_parallel if first else None,
         "profile_window": list(plan.profile_window) if plan.profile_window else None,
+        "memory_snapshot": req.memory_snapshot,
         "variants": [asdict(r) for r in results],
     }
     if plan.mode == "fidelity":
@@ -1314,7 +1360,7 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
             break
     gpu_label = peak.label if peak else "unknown GPU"
     table = format_table(results, req.baseline, gpu_label, fidelity=plan.mode == "fidelity")
-    breakdown = format_breakdowns(results)
+    breakdown = "\n\n".join(part for part in (format_breakdowns(results), format_memory_breakdowns(results)) if part)
     payload = _payload(plan, results, gpu_name, peak)
     write_json(plan.root / RESULTS_FILE, payload)
     written.append(plan.root / RESULTS_FILE)

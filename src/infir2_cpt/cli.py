@@ -455,6 +455,13 @@ def bench_cmd(
         "--profile", help="Run the PyTorch profiler over --profile-steps iterations after the warm-up and break the "
         "trace down by kernel category (timings of a profiled run are slower).")] = False,
     profile_steps: Annotated[int, typer.Option("--profile-steps", help="Iterations profiled.")] = 3,
+    memory_snapshot: Annotated[bool, typer.Option(
+        "--memory-snapshot", help="Record the CUDA allocator's history in every variant and attribute the blocks "
+        "live at the memory peak to training phases and call sites (slows the steps: take times from a run "
+        "without it).")] = False,
+    memory_breakdown: Annotated[Optional[list[str]], typer.Option(
+        "--memory-breakdown", metavar="SNAPSHOT", help="Only print what is live at the peak of a CUDA memory "
+        "snapshot (.pickle, as written by --memory-snapshot or Megatron's --record-memory-history); repeatable.")] = None,
     breakdown: Annotated[Optional[list[str]], typer.Option(
         "--breakdown", metavar="TRACE", help="Only print the kernel-category breakdown of a profiler trace "
         "(.json or .json.gz); repeatable.")] = None,
@@ -489,15 +496,27 @@ def bench_cmd(
             except (OSError, ValueError) as exc:
                 fail([Problem("--breakdown", str(exc), trace)], "infir2: cannot read the trace")
         return
+    if memory_breakdown:
+        from pathlib import Path
+
+        from .memory_snapshot import format_memory_breakdown, snapshot_breakdown
+
+        for snapshot in memory_breakdown:
+            try:
+                print(format_memory_breakdown(snapshot_breakdown(Path(snapshot))))
+            except (OSError, ValueError, KeyError) as exc:
+                fail([Problem("--memory-breakdown", str(exc), snapshot)], "infir2: cannot read the memory snapshot")
+        return
     if recipe is None:
-        fail([Problem("--recipe", "required (or --list-variants / --breakdown TRACE)")], "infir2: cannot run the benchmark")
+        fail([Problem("--recipe", "required (or --list-variants / --breakdown TRACE / --memory-breakdown SNAPSHOT)")],
+             "infir2: cannot run the benchmark")
     req = bench.BenchRequest(
         recipe=recipe, variants=[v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None,
         variant_specs=variant_specs or [], variants_file=variants_file, layers=layers, seq=seq,
         micro_batch=micro_batch, global_batch=global_batch, steps=steps, warmup_steps=warmup_steps, sets=sets or [],
         extra_args=extra or [], nproc_per_node=nproc_per_node, tensor_parallel=tensor_parallel, exp_name=exp_name,
         baseline=baseline, gpu_name=gpu_name, fidelity=fidelity, data=data, tokenizer=tokenizer, seed=seed,
-        loss_window=loss_window, profile=profile, profile_steps=profile_steps, timeout_minutes=timeout_minutes,
+        loss_window=loss_window, profile=profile, profile_steps=profile_steps, memory_snapshot=memory_snapshot, timeout_minutes=timeout_minutes,
         dry_run=dry_run, verbose=verbose)
     try:
         plan = bench.plan_bench(req)

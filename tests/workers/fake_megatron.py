@@ -7,7 +7,9 @@ utils/common_utils.py report_memory), one line per iteration with a step time th
 the memory reports (after iterations 1 and 2, and every --log-memory-interval), the padded-vocabulary line,
 and "successfully saved checkpoint" lines where Megatron would save (`--save` set and at a save interval, or
 at the end off an interval). With --profile --use-pytorch-profiler it writes a small Chrome trace where
-Megatron's trace handler would (<tensorboard-dir>/../torch_profile/rank-<R>.json.gz). Its arguments go to
+Megatron's trace handler would (<tensorboard-dir>/../torch_profile/rank-<R>.json.gz); with --record-memory-history
+it rewrites a CUDA memory snapshot (tests/fake_snapshot.py) at --memory-snapshot-path every iteration, as
+Megatron does on the last rank. Its arguments go to
 $INFIR2_EXP_DIR/fake_megatron_argv.json. FAKE_MEGATRON_FAIL=<experiment name> makes that run die like an OOM;
 FAKE_MEGATRON_HANG=<experiment name> makes it hang.
 """
@@ -19,12 +21,15 @@ import gzip
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fake_snapshot import iteration_snapshot  # noqa: E402
 from infir2_cpt.bench import ModelShape, model_flops  # noqa: E402
 
 STEP_MS = {None: 1988.0, "blockwise": 1686.0, "tensorwise": 1620.0, "delayed": 1600.0, "mxfp8": 1500.0}
@@ -38,9 +43,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                  "--padded-vocab-size", "--vocab-size", "--log-memory-interval", "--save-interval",
                  "--profile-step-start", "--profile-step-end", "--tensor-model-parallel-size"):
         p.add_argument(flag, type=int)
-    for flag in ("--fp8-recipe", "--fp8-format", "--tensorboard-dir", "--save", "--data-path", "--lr"):
+    for flag in ("--fp8-recipe", "--fp8-format", "--tensorboard-dir", "--save", "--data-path", "--lr",
+                 "--memory-snapshot-path"):
         p.add_argument(flag)
-    for flag in ("--profile", "--use-pytorch-profiler", "--mock-data"):
+    for flag in ("--profile", "--use-pytorch-profiler", "--mock-data", "--record-memory-history"):
         p.add_argument(flag, action="store_true")
     args, _ = p.parse_known_args(argv)
     return args
@@ -120,6 +126,8 @@ def main() -> None:
                 f" number of skipped iterations:   0 | number of nan iterations:   0 |")
         if rank == world - 1:
             print(line, flush=True)
+            if args.record_memory_history:
+                Path(args.memory_snapshot_path).write_bytes(pickle.dumps(iteration_snapshot(fp8=bool(fp8))))
         interval = args.log_memory_interval
         if rank == 0 and (iteration <= 2 or (interval and iteration % interval == 0)):
             peak = max_alloc * (0.8 if iteration == 1 else 1.0)
