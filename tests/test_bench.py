@@ -159,6 +159,25 @@ def test_megatron_parser_accepts_the_memory_snapshot_run(exp_root, megatron_pars
     assert any(w.key == "--memory-snapshot" and "slows every iteration" in w.message for w in plan.warnings)
 
 
+def test_cuda_graphs_beside_expandable_segments_need_nccl_graph_register_0(exp_root, megatron_parse, monkeypatch):
+    """Megatron asserts NCCL_GRAPH_REGISTER=0 at start-up for TE CUDA graphs when the allocator uses expandable
+    segments (the shipped recipes do): infir2 reports it before launching, and with the variable set both
+    infir2 and Megatron accept the run."""
+    monkeypatch.delenv("NCCL_GRAPH_REGISTER", raising=False)
+    graphs = "fp8-graph:base=fp8-blockwise,--cuda-graph-impl=transformer_engine"
+    with pytest.raises(BenchError) as err:
+        _plan(exp_root, recipe="7b", layers=8, variants=[], variant_specs=[graphs])
+    (problem,) = err.value.problems
+    assert problem.key == "[fp8-graph] env.NCCL_GRAPH_REGISTER" and "--set env.NCCL_GRAPH_REGISTER=0" in problem.message
+    vp = _plan(exp_root, recipe="7b", layers=8, variants=[], variant_specs=[graphs + ",env.NCCL_GRAPH_REGISTER=0"]).variants[0]
+    argv = adjust_megatron_argv(vp.launch.megatron_args, apex_available=False)[0]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", vp.launch.env["PYTORCH_CUDA_ALLOC_CONF"])
+    with pytest.raises(AssertionError, match="NCCL_GRAPH_REGISTER=0"):  # the rule infir2 mirrors
+        megatron_parse(argv)
+    monkeypatch.setenv("NCCL_GRAPH_REGISTER", vp.launch.env["NCCL_GRAPH_REGISTER"])
+    assert megatron_parse(argv).cuda_graph_impl == "transformer_engine"
+
+
 def test_no_checkpoint_is_written_megatron_config(exp_root, tmp_path):
     """Megatron's config container (what pretrain() reads) carries no save directory, so both the
     interval saves (`if args.save and ...`) and the final save (`cfg.checkpoint.save and iteration %

@@ -26,7 +26,8 @@ from .layout import ExperimentPaths
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
 from .recipes import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from .torchrun import GRACE_ENV
-from .validation import Findings, check_config, check_disk_space, check_files, check_gpu, drop_consequences
+from .validation import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
+                         drop_consequences)
 
 DEFAULT_ENTRY = "infir2_cpt.entry"
 ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
@@ -319,6 +320,8 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     if ENTRY_ENV not in environ:
         findings.extend(check_gpu(recipe))
     env, env_report = resolve_env(recipe, environ)
+    arg_groups = build_arg_groups(recipe, paths, load, req.extra_args)
+    check_cuda_graph_env([arg for _, args in arg_groups for arg in args], {**environ, **env}, findings)
     if recipe.launch.nnodes > 1:  # say what a multi-node launch waits for, and for how long
         notes.append(f"multi-node: {recipe.launch.nnodes} nodes x {recipe.launch.nproc_per_node} processes meet at "
                      f"{recipe.launch.rdzv_endpoint} (rendezvous id {rendezvous_id(recipe)}); run this same command "
@@ -328,7 +331,7 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     warmup = load.warmup_iters if load.warmup_iters is not None else recipe.schedule.warmup_iters
     plan = LaunchPlan(
         recipe=recipe, paths=paths, load=load,
-        arg_groups=build_arg_groups(recipe, paths, load, req.extra_args),
+        arg_groups=arg_groups,
         env=env, env_report=env_report, launcher=torchrun_command(recipe, environ), notes=notes,
         findings=findings, tracker_repair=repair,
         schedule_record=schedule_record(recipe, train_iters, warmup), decay_source=decay_source,

@@ -267,6 +267,30 @@ def check_name(recipe: Recipe, out: Findings) -> None:
                 "._+=- (starting with a letter or digit, at most 200 characters)", recipe.name)
 
 
+def _last_value(args: list[str], flag: str) -> str | None:
+    """The value the last `flag VALUE` or `flag=VALUE` in a Megatron argument list gives (argparse: last wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def check_cuda_graph_env(megatron_args: list[str], env: dict[str, str], out: Findings) -> None:
+    """Megatron refuses Transformer Engine CUDA graphs with expandable segments unless NCCL_GRAPH_REGISTER=0
+    (illegal memory accesses otherwise); the shipped recipes set expandable segments. `env` is what the
+    ranks will see: the user's environment with the recipe's variables applied."""
+    if _last_value(megatron_args, "--cuda-graph-impl") != "transformer_engine":
+        return
+    if "expandable_segments:True" in env.get("PYTORCH_CUDA_ALLOC_CONF", "") and env.get("NCCL_GRAPH_REGISTER") != "0":
+        out.add("env.NCCL_GRAPH_REGISTER", "--cuda-graph-impl transformer_engine with PYTORCH_CUDA_ALLOC_CONF="
+                "expandable_segments:True needs NCCL_GRAPH_REGISTER=0 (Megatron asserts it at start-up): add "
+                "`--set env.NCCL_GRAPH_REGISTER=0`, or drop expandable segments from env.PYTORCH_CUDA_ALLOC_CONF",
+                env.get("NCCL_GRAPH_REGISTER"))
+
+
 def check_config(recipe: Recipe) -> Findings:
     out = Findings()
     for rule in (check_model, check_parallel, check_precision, check_schedule, check_logging_and_checkpoint,
