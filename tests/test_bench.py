@@ -392,24 +392,24 @@ def test_a_variant_whose_steps_spread_is_flagged_as_noisy():
     assert m["step_ms_spread"] == bench.step_spread(m) == pytest.approx((2100 - 1985) / 1988)
     warning = bench.noise_warning("fp8", m)
     assert warning and warning.startswith("fp8: timed steps spread 6% (fastest 1985 ms, slowest 2100 ms")
-    assert "re-run it alone" in warning
+    assert "re-run it alone" in warning and "host-bound" in warning
     steady = {**m, "step_ms_max": 2010.0}
     steady["step_ms_spread"] = bench.step_spread(steady)
     assert bench.noise_warning("fp8", steady) is None
     assert bench.noise_warning("fp8", {"step_ms": None}) is None
     result = VariantResult(name="fp8", description="", sets=[], extra_args=[], command=[], fp8="blockwise",
                            status="ok", exit_code=0, seconds=1.0, metrics=m, warnings=[warning])
-    assert "| fp8 | ok (noisy) | 1988.0 | 5.8 % |" in bench.format_table([result], "fp8", "H200 SXM")
+    assert "| fp8 | ok (noisy) | 1988.0 | 5.8 % | 1985.0 |" in bench.format_table([result], "fp8", "H200 SXM")
 
 
 def test_ratios_mfu_and_fidelity_gap():
-    base = {"step_ms": 2000.0, "tokens_per_s_per_gpu": 100.0, "megatron_tflops_per_gpu": 500.0,
+    base = {"step_ms": 2000.0, "step_ms_min": 1900.0, "tokens_per_s_per_gpu": 100.0, "megatron_tflops_per_gpu": 500.0,
             "max_allocated_gib": 70.0, "max_reserved_gib": 80.0, "final_loss_window": 3.0, "final_loss": 3.0}
-    fp8 = {"step_ms": 1600.0, "tokens_per_s_per_gpu": 125.0, "megatron_tflops_per_gpu": 625.0,
+    fp8 = {"step_ms": 1600.0, "step_ms_min": 1425.0, "tokens_per_s_per_gpu": 125.0, "megatron_tflops_per_gpu": 625.0,
            "max_allocated_gib": 63.0, "max_reserved_gib": None, "final_loss_window": 3.024, "final_loss": 2.97}
     q = ratios(fp8, base)
-    assert q == pytest.approx({"step_time": 0.8, "tokens_per_s": 1.25, "tflops": 1.25, "max_allocated": 0.9,
-                               "max_reserved": None})
+    assert q == pytest.approx({"step_time": 0.8, "fastest_step_time": 0.75, "tokens_per_s": 1.25, "tflops": 1.25,
+                               "max_allocated": 0.9, "max_reserved": None})
     gap = bench.fidelity_gap(fp8, base)
     assert gap["relative_gap"] == pytest.approx(0.008) and gap["pass"]
     assert gap["relative_gap_last"] == pytest.approx(-0.01)

@@ -816,8 +816,10 @@ def noise_warning(name: str, metrics: Mapping[str, Any]) -> Optional[str]:
     if spread is None or spread <= NOISY_SPREAD:
         return None
     return (f"{name}: timed steps spread {spread:.0%} (fastest {metrics['step_ms_min']:.0f} ms, slowest "
-            f"{metrics['step_ms_max']:.0f} ms; steady runs stay under {NOISY_SPREAD:.0%}): something else was "
-            "using this GPU or host, so its step time and ratios are unreliable; re-run it alone")
+            f"{metrics['step_ms_max']:.0f} ms; steady runs stay under {NOISY_SPREAD:.0%}), so its median step time "
+            "and ratios are unreliable. Either another job shares this GPU or host (re-run it alone), or the step "
+            "is partly host-bound (a small model; FP8 adds host work per GEMM): then compare the fastest steps "
+            "too (the 'fastest ms' column)")
 
 
 def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
@@ -861,7 +863,7 @@ def variant_metrics(log: RunLog, warmup_steps: int, tokens_per_iteration: int, w
     }
 
 
-RATIO_KEYS = (("step_time", "step_ms"), ("tokens_per_s", "tokens_per_s_per_gpu"),
+RATIO_KEYS = (("step_time", "step_ms"), ("fastest_step_time", "step_ms_min"), ("tokens_per_s", "tokens_per_s_per_gpu"),
               ("tflops", "megatron_tflops_per_gpu"), ("max_allocated", "max_allocated_gib"),
               ("max_reserved", "max_reserved_gib"))
 
@@ -987,7 +989,7 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
                  "(baseline)" if r.name == baseline else ("yes" if r.fidelity.get("pass") else "NO") if r.fidelity else "-",
                  _fmt(r.metrics.get("step_ms"))] for r in results]
     else:
-        head = ["variant", "status", "step ms", "spread", "tokens/s/GPU", "TFLOP/s/GPU (Megatron)", "TFLOP/s/GPU (formula)",
+        head = ["variant", "status", "step ms", "spread", "fastest ms", "tokens/s/GPU", "TFLOP/s/GPU (Megatron)", "TFLOP/s/GPU (formula)",
                 f"MFU ({gpu_label})", "max alloc GiB", "max reserved GiB", f"x {baseline} time",
                 f"x {baseline} alloc", f"x {baseline} reserved"]
         rows = []
@@ -995,7 +997,7 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
             m, q = r.metrics, r.ratios
             spread = m.get("step_ms_spread")
             rows.append([r.name, r.status + (" (noisy)" if r.warnings else ""), _fmt(m.get("step_ms")),
-                         _fmt(spread * 100 if spread is not None else None, ".1f", " %"),
+                         _fmt(spread * 100 if spread is not None else None, ".1f", " %"), _fmt(m.get("step_ms_min")),
                          _fmt(m.get("tokens_per_s_per_gpu"), ",.0f"),
                          _fmt(m.get("megatron_tflops_per_gpu")), _fmt(m.get("model_tflops_per_gpu")),
                          _fmt(m["mfu"] * 100 if m.get("mfu") is not None else None, ".1f", " %"),
