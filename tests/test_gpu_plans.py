@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu" / "issue7.sh"
-BENCH_STEPS = ("A", "B", "D", "E", "U", "P", "M", "G", "I", "K", "full4", "full4seed", "full8")
+BENCH_STEPS = ("A", "B", "D", "E", "U", "P", "M", "M2", "N", "S", "G", "I", "K", "full4", "full4seed", "full8")
 
 
 def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:

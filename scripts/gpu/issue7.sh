@@ -36,6 +36,13 @@ step_U() { bench b15-U --recipe 1.5b --seq 8192 "${Q[@]}" --set model.untie_embe
 step_P() { bench b15-P --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --profile --variants bf16,fp8-blockwise; }
 # What is live at the memory peak, by phase and call site (the allocator's history; slows the steps).
 step_M() { bench b7-M "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants bf16,fp8-blockwise; }
+# Next: does FP8 with BF16 parameters (master weights as remainders again) use less memory, and at what speed?
+step_M2() { bench b7-M2 "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --baseline bf16-ce \
+  --variants bf16-ce,fp8-ce,fp8-ce-noparamgather; }
+step_N() { bench b7-N "${S7[@]}" "${Q[@]}" --baseline bf16-ce --variants bf16-ce,fp8-ce,fp8-ce-noparamgather; }
+# Next: the host side of the 1.5B FP8 step (CUDA graphs, Python GC every 100 steps), alone on the host.
+step_S() { bench b15-S --recipe 1.5b --seq 8192 "${Q[@]}" \
+  --variants bf16,fp8-blockwise,bf16-cudagraph,fp8-cudagraph,bf16-gc,fp8-gc; }
 # Where a step's time goes (PyTorch profiler, 3 iterations after the warm-up).
 step_G() { bench b7-G "${S7[@]}" --steps 6 --warmup-steps 3 --profile --baseline bf16-ce --variants bf16-ce,fp8-ce; }
 # Screening of the remaining candidates beside fp8-ce.
