@@ -1040,7 +1040,8 @@ def format_memory_breakdowns(results: Sequence[VariantResult]) -> str:
     for phase in phases:
         cells = [_fmt(r.memory["phases"].get(phase, {}).get("gib"), ".2f") for r in recorded]  # type: ignore[index]
         lines.append("| " + " | ".join([phase, *cells]) + " |")
-    lines.append("| " + " | ".join(["peak (replayed)", *(_fmt(r.memory["peak_gib"], ".2f") for r in recorded)]) + " |")  # type: ignore[index]
+    peaks = [_fmt(r.memory["peak_gib"], ".2f") for r in recorded]  # type: ignore[index]
+    lines.append("| " + " | ".join(["peak (replayed)", *peaks]) + " |")
     lines.append("| " + " | ".join(["max allocated (Megatron)",
                                     *(_fmt(r.metrics.get("max_allocated_gib"), ".2f") for r in recorded)]) + " |")
     return "\n".join(lines)

@@ -516,8 +516,8 @@ def bench_cmd(
         micro_batch=micro_batch, global_batch=global_batch, steps=steps, warmup_steps=warmup_steps, sets=sets or [],
         extra_args=extra or [], nproc_per_node=nproc_per_node, tensor_parallel=tensor_parallel, exp_name=exp_name,
         baseline=baseline, gpu_name=gpu_name, fidelity=fidelity, data=data, tokenizer=tokenizer, seed=seed,
-        loss_window=loss_window, profile=profile, profile_steps=profile_steps, memory_snapshot=memory_snapshot, timeout_minutes=timeout_minutes,
-        dry_run=dry_run, verbose=verbose)
+        loss_window=loss_window, profile=profile, profile_steps=profile_steps, memory_snapshot=memory_snapshot,
+        timeout_minutes=timeout_minutes, dry_run=dry_run, verbose=verbose)
     try:
         plan = bench.plan_bench(req)
         if dry_run:

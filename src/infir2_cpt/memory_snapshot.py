@@ -103,7 +103,8 @@ def live_blocks_at_start(end: Mapping[int, Block], events: Sequence[Mapping[str,
         if action == "alloc":
             live.pop(int(event["addr"]), None)
         elif action == "free_completed":
-            live[int(event["addr"])] = Block(int(event["size"]), list(event.get("frames") or []), known_allocation=False)
+            frames = list(event.get("frames") or [])
+            live[int(event["addr"])] = Block(int(event["size"]), frames, known_allocation=False)
     return live
 
 
