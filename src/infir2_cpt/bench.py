@@ -36,7 +36,7 @@ import yaml
 
 from .launch import DEFAULT_ENTRY, ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
 from .layout import exp_root
-from .memory_snapshot import PHASE_ORDER, snapshot_breakdown
+from .memory_snapshot import REPORT_PHASES, snapshot_breakdown
 from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
 from .runlog import RunLog, parse_log
@@ -1035,8 +1035,7 @@ def format_memory_breakdowns(results: Sequence[VariantResult]) -> str:
         return ""
     head = ["live at the peak, by phase"] + [f"{r.name} GiB" for r in recorded]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    phases = [p for p in (*PHASE_ORDER, "allocated before the event window")
-              if any(p in r.memory["phases"] for r in recorded)]  # type: ignore[index]
+    phases = [p for p in REPORT_PHASES if any(p in r.memory["phases"] for r in recorded)]  # type: ignore[index]
     for phase in phases:
         cells = [_fmt(r.memory["phases"].get(phase, {}).get("gib"), ".2f") for r in recorded]  # type: ignore[index]
         lines.append("| " + " | ".join([phase, *cells]) + " |")

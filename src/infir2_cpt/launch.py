@@ -320,8 +320,6 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     if ENTRY_ENV not in environ:
         findings.extend(check_gpu(recipe))
     env, env_report = resolve_env(recipe, environ)
-    arg_groups = build_arg_groups(recipe, paths, load, req.extra_args)
-    check_cuda_graph_env([arg for _, args in arg_groups for arg in args], {**environ, **env}, findings)
     if recipe.launch.nnodes > 1:  # say what a multi-node launch waits for, and for how long
         notes.append(f"multi-node: {recipe.launch.nnodes} nodes x {recipe.launch.nproc_per_node} processes meet at "
                      f"{recipe.launch.rdzv_endpoint} (rendezvous id {rendezvous_id(recipe)}); run this same command "
@@ -331,11 +329,12 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
     warmup = load.warmup_iters if load.warmup_iters is not None else recipe.schedule.warmup_iters
     plan = LaunchPlan(
         recipe=recipe, paths=paths, load=load,
-        arg_groups=arg_groups,
+        arg_groups=build_arg_groups(recipe, paths, load, req.extra_args),
         env=env, env_report=env_report, launcher=torchrun_command(recipe, environ), notes=notes,
         findings=findings, tracker_repair=repair,
         schedule_record=schedule_record(recipe, train_iters, warmup), decay_source=decay_source,
     )
+    check_cuda_graph_env(plan.megatron_args, {**environ, **env}, findings)
     fatal = findings.config + ([] if req.dry_run else findings.machine)
     if fatal:
         raise LaunchError(fatal, [] if not req.dry_run else findings.machine)

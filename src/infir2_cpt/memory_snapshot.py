@@ -24,6 +24,8 @@ LIVE_STATES = ("active_allocated", "active_pending_free")
 # Phases, first match wins. Each is a test on the allocation's Python stack (file names and function names).
 PHASE_ORDER = ("optimizer (main params, Adam states)", "DDP buffers (params, grads)", "model construction",
                "backward", "forward", "no Python stack (autograd engine: backward of native ops)", "other")
+BEFORE_WINDOW = "allocated before the event window"  # a block freed in the window, allocated before it
+REPORT_PHASES = (*PHASE_ORDER, BEFORE_WINDOW)  # the order of a breakdown's phases
 _OUR_CODE = ("transformer_engine/", "megatron/", "infir2_cpt/")
 _SKIPPED_SITES = ("torch/nn/modules/module.py", "torch/autograd/", "torch/utils/", "contextlib.py", "functools.py")
 
@@ -146,12 +148,11 @@ def peak_breakdown(snapshot: Mapping[str, Any], device: int = 0, top: int = 25) 
     _, peak, peak_at = _replay(start, events)
     at_peak, _, _ = _replay(start, events, stop=peak_at)
     total = sum(b.size for b in at_peak.values()) or 1
-    phases = _group(at_peak.values(), lambda b: phase_of(b.frames) if b.known_allocation
-                    else "allocated before the event window")
-    sites = _group(at_peak.values(), lambda b: f"{phase_of(b.frames) if b.known_allocation else 'before window'} | "
+    phase = {id(b): phase_of(b.frames) if b.known_allocation else BEFORE_WINDOW for b in at_peak.values()}
+    phases = _group(at_peak.values(), lambda b: phase[id(b)])
+    sites = _group(at_peak.values(), lambda b: f"{phase[id(b)] if b.known_allocation else 'before window'} | "
                    f"{site_of(b.frames)}" + ("" if b.known_allocation else " (freed here)"))
-    ordered_phases = {name: phases[name] for name in (*PHASE_ORDER, "allocated before the event window")
-                      if name in phases}
+    ordered_phases = {name: phases[name] for name in REPORT_PHASES if name in phases}
     for entry in [*ordered_phases.values(), *sites.values()]:
         entry["gib"] = round(entry["bytes"] / GIB, 3)
         entry["share"] = round(entry["bytes"] / total, 4)
