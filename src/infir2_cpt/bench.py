@@ -39,6 +39,7 @@ from .layout import exp_root
 from .memory_snapshot import REPORT_PHASES, snapshot_breakdown
 from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
+from .validation import EXP_NAME_RE
 from .runlog import RunLog, parse_log
 
 QWEN25_VOCAB = 151665  # Qwen2.5's tokenizer (151643 tokens + 22 special tokens)
@@ -52,7 +53,6 @@ PLOT_FILE = "bench.png"
 BREAKDOWN_PLOT_FILE = "breakdown.png"
 TRACE_GLOB = "torch_profile/rank-*.json*"
 MEMORY_SNAPSHOT_FILE = "memory_snapshot.pickle"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")  # one folder name (validation.check_name)
 
 
 class BenchError(Exception):
@@ -113,7 +113,7 @@ def parse_variant_spec(spec: str, known: Mapping[str, Variant]) -> Variant:
     name, _, body = text.partition(":")
     name = name.strip()
     problems: list[Problem] = []
-    if not _NAME_RE.match(name):
+    if not EXP_NAME_RE.match(name):
         problems.append(Problem("--variant", "NAME must be one folder name (letters, digits, ._+=-)", spec))
     sets: list[str] = []
     extra: list[str] = []
@@ -189,7 +189,7 @@ def load_variants_file(path: Path, known: Mapping[str, Variant]) -> list[Variant
             problems.append(Problem(where, "args: expected a list of Megatron flags"))
         else:
             extra += [str(a) for a in raw_args]
-        if not _NAME_RE.match(str(name)):
+        if not EXP_NAME_RE.match(str(name)):
             problems.append(Problem(where, "the name must be one folder name (letters, digits, ._+=-)"))
         variant = Variant(str(name), tuple(sets), tuple(extra),
                           str(body.get("description") or ", ".join([*sets, *extra]) or "the recipe as is"))
@@ -422,7 +422,7 @@ def _check_numbers(req: BenchRequest) -> list[Problem]:
     elif req.data or req.tokenizer:
         problems.append(Problem("--data" if req.data else "--tokenizer", "only with --fidelity (speed runs use "
                                 "mock data)"))
-    if req.exp_name is not None and not _NAME_RE.match(req.exp_name):
+    if req.exp_name is not None and not EXP_NAME_RE.match(req.exp_name):
         problems.append(Problem("--exp-name", "must be one folder name (letters, digits, ._+=-)", req.exp_name))
     return problems
 
@@ -584,10 +584,7 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
         try:
             with _exp_root_env(root):
                 launch = plan_run(launch_req, validation_env)
-        except RecipeError as exc:
-            problems += [Problem(f"[{variant.name}] {p.key}", p.message, p.value) for p in exc.problems]
-            continue
-        except LaunchError as exc:
+        except (RecipeError, LaunchError) as exc:
             problems += [Problem(f"[{variant.name}] {p.key}", p.message, p.value) for p in exc.problems]
             continue
         machine = [Problem(f"[{variant.name}] {p.key}", p.message, p.value) for p in launch.findings.machine]
@@ -917,8 +914,8 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
                               vp.tokens_per_iteration, vp.world_size, flops, peak_for(peak, vp.fp8),
                               plan.request.loss_window)
     metrics["flops_per_iteration"] = flops
-    metrics["flops_share"] = {k: v / sum(flops_per_sequence(shape).values())
-                              for k, v in flops_per_sequence(shape).items()}
+    per_sequence = flops_per_sequence(shape)
+    metrics["flops_share"] = {k: v / sum(per_sequence.values()) for k, v in per_sequence.items()}
     if run.timed_out:
         status = "timed out"
     elif run.exit_code != 0:
@@ -1190,29 +1187,25 @@ def load_trace(path: Path) -> dict[str, Any]:
     return data
 
 
+def _merge_intervals(xs: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, overlapping or touching intervals joined."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(xs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -math.inf
-    for start, stop in sorted(intervals):
-        if stop <= end:
-            continue
-        total += stop - max(start, end)
-        end = stop
-    return total
+    return sum(b - a for a, b in _merge_intervals(intervals))
 
 
 def _subtract_length(intervals: list[tuple[float, float]], cover: list[tuple[float, float]]) -> float:
     """Total length of `intervals` (merged) not covered by `cover` (merged)."""
-    def merge(xs: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
-        for a, b in sorted(xs):
-            if out and a <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
-                out.append((a, b))
-        return out
-
-    exposed, j, covered = 0.0, 0, merge(cover)
-    for a, b in merge(intervals):
+    exposed, j, covered = 0.0, 0, _merge_intervals(cover)
+    for a, b in _merge_intervals(intervals):
         pos = a
         while j < len(covered) and covered[j][1] <= pos:
             j += 1
@@ -1294,8 +1287,6 @@ def format_trace_breakdown(breakdown: Mapping[str, Any]) -> str:
 class BenchReport:
     plan: BenchPlan
     results: list[VariantResult]
-    gpu_name: Optional[str]
-    payload: dict[str, Any]
     table: str
     written: list[Path]
 
@@ -1363,24 +1354,22 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
     gpu_label = peak.label if peak else "unknown GPU"
     table = format_table(results, req.baseline, gpu_label, fidelity=plan.mode == "fidelity")
     breakdown = "\n\n".join(part for part in (format_breakdowns(results), format_memory_breakdowns(results)) if part)
-    payload = _payload(plan, results, gpu_name, peak)
-    write_json(plan.root / RESULTS_FILE, payload)
-    written.append(plan.root / RESULTS_FILE)
+    written.append(plan.root / RESULTS_FILE)  # written after every variant, the last time with all of them
     header = (f"infir2 bench {plan.mode}: recipe {req.recipe}, GPU {gpu_name or 'unknown GPU'} "
               f"({'dense peaks BF16 %g / FP8 %s TFLOP/s' % (peak.bf16_tflops, peak.fp8_tflops) if peak else 'no known peak: no MFU'})")
-    (plan.root / TABLE_FILE).write_text(header + "\n\n" + table + ("\n\n" + breakdown if breakdown else "") + "\n")
+    full_table = header + "\n\n" + table + ("\n\n" + breakdown if breakdown else "")
+    (plan.root / TABLE_FILE).write_text(full_table + "\n")
     written.append(plan.root / TABLE_FILE)
     title = f"{req.recipe} on {gpu_name or 'unknown GPU'} ({plan.root.name})"
     with contextlib.suppress(ImportError):
         if plan.mode == "fidelity":
             written.append(plot_fidelity(results, req.baseline, plan.root / PLOT_FILE, title))
         else:
-            written.append(plot_speed([r for r in results], req.baseline, plan.root / PLOT_FILE, title))
+            written.append(plot_speed(results, req.baseline, plan.root / PLOT_FILE, title))
         extra = plot_breakdowns(results, plan.root / BREAKDOWN_PLOT_FILE, title)
         if extra:
             written.append(extra)
-    return BenchReport(plan=plan, results=results, gpu_name=gpu_name, payload=payload,
-                       table=header + "\n\n" + table + ("\n\n" + breakdown if breakdown else ""), written=written)
+    return BenchReport(plan=plan, results=results, table=full_table, written=written)
 
 
 def execute(plan: BenchPlan, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> BenchReport:

@@ -256,13 +256,13 @@ def drop_consequences(found: Findings, type_problems: list[Problem]) -> Findings
     return kept
 
 
-_EXP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
+EXP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
 
 
 def check_name(recipe: Recipe, out: Findings) -> None:
     """The experiment name is one folder under exp/: no '/', '..', absolute path or empty name, which would
     put checkpoints outside exp/ or into another experiment's folders."""
-    if not _EXP_NAME_RE.match(recipe.name):
+    if not EXP_NAME_RE.match(recipe.name):
         out.add("name", "the experiment name (recipe name or --exp) must be one folder name: letters, digits and "
                 "._+=- (starting with a letter or digit, at most 200 characters)", recipe.name)
 
