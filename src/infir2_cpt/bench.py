@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import yaml
 
-from .launch import DEFAULT_ENTRY, ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
+from .launch import ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
 from .layout import exp_root
 from .memory_snapshot import REPORT_PHASES, snapshot_breakdown
 from .model_shape import ModelShape
@@ -572,7 +572,6 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
     plans: list[VariantPlan] = []
     warnings: list[Problem] = []
     validation_env = dict(environ)
-    validation_env.setdefault(ENTRY_ENV, DEFAULT_ENTRY)  # the GPU is probed once, apart (gpu_check)
     validation_env["INFIR2_EXP_ROOT"] = str(root)
     for variant in variants:
         sets = [*common_sets, *req.sets, *variant.sets]
@@ -580,7 +579,7 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
                  *(memory_snapshot_args(root / variant.name) if req.memory_snapshot else [])]
         launch_req = LaunchRequest(recipe=req.recipe, sets=sets, extra_args=extra, nnodes=1,
                                    nproc_per_node=req.nproc_per_node, rdzv_endpoint="localhost:29400",
-                                   exp=variant.name, dry_run=True)
+                                   exp=variant.name, dry_run=True, check_gpu=False)  # probed once: gpu_check
         try:
             with _exp_root_env(root):
                 launch = plan_run(launch_req, validation_env)

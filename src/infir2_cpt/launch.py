@@ -50,6 +50,7 @@ class LaunchRequest:
     dry_run: bool = False
     decay_load: str | None = None  # set for `infir2 decay`
     stable_exp: str | None = None  # `infir2 decay --stable-exp`: the stable run's experiment name
+    check_gpu: bool = True  # False where the GPUs are checked elsewhere (bench, once) or later (sbatch, on the nodes)
 
 
 @dataclass
@@ -317,7 +318,7 @@ def plan_run(req: LaunchRequest, environ: dict[str, str] | None = None) -> Launc
         load, repair, decay_source = plan_decay_run(recipe, paths, req.decay_load, findings, notes)
     findings.extend(check_files(recipe, paths))
     findings.extend(check_disk_space(recipe, paths, notes))
-    if ENTRY_ENV not in environ:
+    if req.check_gpu and ENTRY_ENV not in environ:  # a replaced entry (tests) needs no GPU
         findings.extend(check_gpu(recipe))
     env, env_report = resolve_env(recipe, environ)
     if recipe.launch.nnodes > 1:  # say what a multi-node launch waits for, and for how long

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoints as ck
-from .launch import DEFAULT_ENTRY, ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, plan_run
+from .launch import LaunchError, LaunchPlan, LaunchRequest, plan_run
 from .recipes import Problem, RecipeError
 
 DEFAULT_PORT = 29400
@@ -142,17 +142,14 @@ _MANAGED_OPTIONS = frozenset({
 def _validate(req: SbatchRequest) -> tuple[LaunchPlan | None, list[Problem], list[Problem]]:
     """The plan `infir2 train` would make on these nodes (dry run), the problems and the warnings."""
     problems = _check_slurm_options(req)
-    # The GPU check belongs to the compute nodes, not the login node this runs on: with ENTRY_ENV set,
-    # plan_run skips it (and the entry it would pick is irrelevant here: only the recipe is used).
-    environ = dict(os.environ)
-    environ.setdefault(ENTRY_ENV, DEFAULT_ENTRY)
+    # The GPU check belongs to the compute nodes, not the login node this runs on.
     launch_req = LaunchRequest(
         recipe=req.recipe, sets=list(req.sets), extra_args=list(req.extra_args),
         nnodes=req.nodes if req.nodes >= 1 else None, nproc_per_node=req.gpus_per_node,
         rdzv_endpoint=f"{_VALIDATION_HOST}:{req.port}" if 1 <= req.port <= 65535 else None,
-        exp=req.exp, dry_run=True)
+        exp=req.exp, dry_run=True, check_gpu=False)
     try:
-        plan = plan_run(launch_req, environ)
+        plan = plan_run(launch_req)
     except RecipeError as exc:
         return None, problems + exc.problems, []
     except LaunchError as exc:
