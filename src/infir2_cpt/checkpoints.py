@@ -80,6 +80,12 @@ class TrackerState:
     release: bool = False
     problem: str | None = None  # "missing", or why it could not be read
 
+    @property
+    def derails_megatron(self) -> bool:
+        """Megatron reads the tracker before --ckpt-step: 'release' or an unreadable tracker sends it elsewhere
+        or stops it (a missing one does not)."""
+        return self.release or self.problem not in (None, "missing")
+
 
 def read_tracker(ckpt_dir: Path) -> TrackerState:
     path = ckpt_dir / TRACKER
@@ -147,7 +153,7 @@ def find_resume_point(ckpt_dir: Path) -> ResumePoint:
         newest,
         why + f"; falling back to the newest complete checkpoint, {newest.path.name}",
         ckpt_step=newest.iteration,
-        repair_tracker=tracker.release or (tracker.problem is not None and tracker.problem != "missing"),
+        repair_tracker=tracker.derails_megatron,
         partial=partial,
     )
 

@@ -33,13 +33,13 @@ from .conversion import (
     tensor_parallel_problems,
 )
 from .launch import resolve_env
+from .layout import RECIPE_FILE
 from .torchrun import GRACE_ENV
 from .megatron_args import model_args
 from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, load_recipe
 
 ENTRY_MODULE = "infir2_cpt.convert_entry"
-RECORDED_RECIPE = "recipe.yaml"  # written into exp/<name>/ by every `infir2 train` launch
 
 
 @dataclass
@@ -242,12 +242,12 @@ def recipe_for_checkpoint(recipe: str | None, folder: Path | None, notes: list[s
     if recipe:
         return recipe
     if folder is not None:
-        recorded = folder.parent.parent / RECORDED_RECIPE
+        recorded = folder.parent.parent / RECIPE_FILE
         if recorded.is_file():
             notes.append(f"model shape from the experiment's recorded recipe {recorded}")
             return str(recorded)
     problems.append(Problem("--recipe", "is required (the checkpoint is not inside an experiment folder with a "
-                            f"recorded {RECORDED_RECIPE})"))
+                            f"recorded {RECIPE_FILE})"))
     return None
 
 

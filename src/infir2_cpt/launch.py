@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints as ck
-from .layout import ExperimentPaths
+from .layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, read_json_object
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
 from .recipes import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from .torchrun import GRACE_ENV
@@ -31,8 +31,6 @@ from .validation import (Findings, check_config, check_cuda_graph_env, check_dis
 
 DEFAULT_ENTRY = "infir2_cpt.entry"
 ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
-SCHEDULE_FILE = "schedule.json"
-DECAY_SOURCE_FILE = "decay_source.json"
 
 
 @dataclass
@@ -140,12 +138,8 @@ def schedule_record(recipe: Recipe, train_iters: int, warmup_iters: int) -> dict
 
 def _check_schedule_unchanged(paths: ExperimentPaths, record: dict[str, Any], out: Findings) -> None:
     """Megatron aborts a resume mid-load when the schedule changed; say so before launching, with the keys."""
-    path = paths.root / SCHEDULE_FILE
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    saved = read_json_object(paths.root / SCHEDULE_FILE)
+    if saved is None:
         return
     for key, value in record.items():
         if key in saved and saved[key] != value:
@@ -208,7 +202,7 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: 
                      f"restarts from lr={recipe.schedule.lr}")
     end = target.iteration + decay_iters
     source = {"ckpt_dir": str(target.ckpt_dir), "iteration": target.iteration, "train_iters": end}
-    saved_source = _read_json(paths.root / DECAY_SOURCE_FILE)
+    saved_source = read_json_object(paths.root / DECAY_SOURCE_FILE)
     if saved_source and (saved_source.get("iteration"), Path(str(saved_source.get("ckpt_dir"))).resolve()) != (
             target.iteration, target.ckpt_dir.resolve()):
         out.add("--load", f"experiment {paths.name} is a decay from {saved_source.get('ckpt_dir')}/"
@@ -222,7 +216,7 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: 
                         override_scheduler=True, train_iters=end, warmup_iters=0)
         return plan, repair, source
     stable_tracker = ck.read_tracker(target.ckpt_dir)
-    if stable_tracker.release or stable_tracker.problem not in (None, "missing"):
+    if stable_tracker.derails_megatron:
         out.add_machine("--load", f"{target.ckpt_dir / ck.TRACKER} is "
                         f"{stable_tracker.problem or 'release'}: Megatron reads it before --ckpt-step and would "
                         f"exit (or load the release folder instead); write the stable run's newest complete "
@@ -233,13 +227,6 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, load_spec: str, out: 
     plan = LoadPlan(load_dir=target.ckpt_dir, ckpt_step=target.iteration, expect_checkpoint=True,
                     override_scheduler=True, train_iters=end, warmup_iters=0)
     return plan, None, source
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- environment and torchrun
@@ -385,7 +372,7 @@ def execute(plan: LaunchPlan) -> None:
         done = (f"rewrote {ck.TRACKER} -> {plan.tracker_repair[1]}" if plan.tracker_repair[1] is not None
                 else f"set {ck.TRACKER} aside")
         print(f"infir2: {done} (old one kept as {backup})", file=sys.stderr)
-    (paths.root / "recipe.yaml").write_text(recipe_to_yaml(plan.recipe))
+    (paths.root / RECIPE_FILE).write_text(recipe_to_yaml(plan.recipe))
     (paths.root / SCHEDULE_FILE).write_text(json.dumps(plan.schedule_record, indent=2) + "\n")
     if plan.decay_source is not None:
         (paths.root / DECAY_SOURCE_FILE).write_text(json.dumps(plan.decay_source, indent=2) + "\n")

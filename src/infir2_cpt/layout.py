@@ -1,10 +1,26 @@
-"""Where a run's outputs live: exp/<name>/{checkpoints,tensorboard,logs,data_cache}."""
+"""Where a run's outputs live: exp/<name>/{checkpoints,tensorboard,logs,data_cache}, and the records every
+launch writes beside them (recipe.yaml, schedule.json and, for a decay, decay_source.json)."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe of the last launch
+SCHEDULE_FILE = "schedule.json"  # the LR schedule Megatron was given
+DECAY_SOURCE_FILE = "decay_source.json"  # a decay run's stable checkpoint
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def exp_root() -> Path:

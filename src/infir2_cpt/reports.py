@@ -8,7 +8,6 @@ iterations before K are drawn from it, so the curve reads as the checkpoint's wh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,11 @@ from typing import Any
 import yaml
 
 from . import checkpoints as ck
-from .layout import ExperimentPaths, exp_root
+from .layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, exp_root, read_json_object
 from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, resolve_recipe_path
 from .schedule import WSDSchedule
 from .validation import Findings, check_schedule
 
-RECIPE_FILE = "recipe.yaml"
-SCHEDULE_FILE = "schedule.json"  # the names launch.execute writes (launch.SCHEDULE_FILE, DECAY_SOURCE_FILE)
-DECAY_SOURCE_FILE = "decay_source.json"
 
 
 class ReportError(Exception):
@@ -179,20 +175,12 @@ def recipe_curve(ref: str, sets: list[str] | None = None, decay_from: int | None
                  schedule_of(stable) if stable is not None else None, source=f"recipe {ref}, --decay-from {decay_from}")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def experiment_curve(paths: ExperimentPaths, recipe_ref: str | None = None, sets: list[str] | None = None,
                      decay_from: int | None = None) -> tuple[Curve | None, list[str]]:
     """The schedule an experiment ran with: --recipe when given, else what launch.execute recorded in
     exp/<name>/ (schedule.json, recipe.yaml, decay_source.json). Returns (curve or None, notes)."""
     notes: list[str] = []
-    source = _read_json(paths.root / DECAY_SOURCE_FILE)
+    source = read_json_object(paths.root / DECAY_SOURCE_FILE)
     recorded_k = None
     if source is not None:
         try:
@@ -217,7 +205,7 @@ def experiment_curve(paths: ExperimentPaths, recipe_ref: str | None = None, sets
         if problems:
             notes.append(f"{recipe_path} does not read as a recipe ({problems[0]}); ignoring it")
             recipe = None
-    record = _read_json(paths.root / SCHEDULE_FILE)
+    record = read_json_object(paths.root / SCHEDULE_FILE)
     if record is not None:
         try:
             s = WSDSchedule(lr=float(record["lr"]), min_lr=float(record["min_lr"]),
@@ -318,7 +306,7 @@ def _decays_from_here(paths: ExperimentPaths) -> list[str]:
     for other in sorted(parent.iterdir()):
         if other == paths.root or not other.is_dir():
             continue
-        source = _read_json(other / DECAY_SOURCE_FILE)
+        source = read_json_object(other / DECAY_SOURCE_FILE)
         if not source or "ckpt_dir" not in source:
             continue
         try:
@@ -346,7 +334,7 @@ def checkpoints_report(exp: str, recipe: str | None = None, sets: list[str] | No
         lines.append(f"schedule ({curve.source}): lr {s.lr:g} -> min_lr {s.min_lr:g}, warmup {s.warmup_iters}, "
                      f"{s.decay_style} decay {s.anneal_start_iter} -> {s.train_iters}{tokens}")
     if curve is not None and curve.decay_from is not None:
-        source = _read_json(paths.root / DECAY_SOURCE_FILE) or {}
+        source = read_json_object(paths.root / DECAY_SOURCE_FILE) or {}
         origin = source.get("ckpt_dir", "the stable run")
         lines.append(f"decay run: from {origin}/{ck.iter_dir_name(curve.decay_from)}, ends at iteration "
                      f"{curve.schedule.train_iters}")
