@@ -209,11 +209,6 @@ def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     return out
 
 
-MEGATRON_LAYER_SHAPES = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
-                         "self_attention.linear_qkv.bias", "self_attention.linear_proj.weight",
-                         "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
-
-
 def megatron_layer_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     """Layer-relative TE names and their shapes."""
     h = shape.hidden_size
@@ -289,7 +284,7 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, shape: ModelShape) -> Tensor:
     g, d, hpg = shape.num_query_groups, shape.head_dim, shape.heads_per_group
     rest = tuple(q.shape[1:])
     grouped = torch.cat([q.reshape(g, hpg * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
-    return grouped.reshape(shape.qkv_rows, *rest).clone()
+    return grouped.reshape(shape.qkv_rows, *rest)  # torch.cat made a new tensor: nothing to detach from
 
 
 def split_qkv(qkv: Tensor, shape: ModelShape) -> tuple[Tensor, Tensor, Tensor]:
@@ -307,7 +302,7 @@ def fuse_gate_up(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU: Megatron's fc1 is [gate; up] (it applies the activation to the first half)."""
     import torch
 
-    return torch.cat([gate, up], dim=0).clone()
+    return torch.cat([gate, up], dim=0)
 
 
 def split_gate_up(fc1: Tensor) -> tuple[Tensor, Tensor]:

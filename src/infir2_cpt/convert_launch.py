@@ -34,10 +34,11 @@ from .conversion import (
 )
 from .launch import resolve_env
 from .layout import RECIPE_FILE
-from .torchrun import GRACE_ENV
 from .megatron_args import model_args
 from .model_shape import ModelShape
 from .recipes import Problem, Recipe, RecipeError, load_recipe
+from .torchrun import GRACE_ENV
+from .validation import nearest_existing
 
 ENTRY_MODULE = "infir2_cpt.convert_entry"
 
@@ -96,9 +97,7 @@ def check_out_dir(out: str | None, key: str, problems: list[Problem]) -> Path | 
     elif path.is_dir() and any(path.iterdir()):
         problems.append(Problem(key, "exists and is not empty (nothing is overwritten; remove it or pick another)", out))
     else:
-        parent = path
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = nearest_existing(path)
         if not os.access(parent, os.W_OK):
             problems.append(Problem(key, f"{parent} is not writable", out))
     return path
@@ -114,25 +113,14 @@ def gpu_problems() -> list[Problem]:
     return []
 
 
-def conversion_recipe(recipe: Recipe, vocab_size: int, padded_vocab: int) -> Recipe:
-    """The recipe as the conversion runs it: one GPU, TP=PP=CP=1, BF16 weights (no FP8 parameters: TE's
-    blockwise FP8 tensors do not support plain view/copy), the recipe's model section unchanged."""
-    model = dataclasses.replace(recipe.model, vocab_size=vocab_size, padded_vocab_size=padded_vocab)
-    parallel = dataclasses.replace(recipe.parallel, tensor_parallel=1, pipeline_parallel=1, context_parallel=1,
-                                   sequence_parallel=False, distributed_optimizer=False, overlap_grad_reduce=False,
-                                   overlap_param_gather=False, micro_batch_size=1, global_batch_size=1,
-                                   cross_entropy_fusion=None)
-    precision = dataclasses.replace(recipe.precision, fp8=None, fp8_param_gather=False,
-                                    precision_aware_optimizer=False, first_last_layers_bf16=False)
-    return dataclasses.replace(recipe, model=model, parallel=parallel, precision=precision)
-
-
 def conversion_megatron_args(recipe: Recipe, vocab_size: int, padded_vocab: int, save: Path | None = None,
                              dtype: str = "bf16") -> list[str]:
     """Megatron arguments for building the recipe's model on one GPU: model_args() of the recipe (so the model
-    is the one training builds), plus the least that parse_and_validate_args needs."""
-    conv = conversion_recipe(recipe, vocab_size, padded_vocab)
-    args = model_args(conv)
+    is the one training builds) with the checkpoint's vocabulary, plus the least that parse_and_validate_args
+    needs: TP=PP=CP=1, no distributed optimizer, BF16 weights and no FP8 (TE's blockwise FP8 parameters do not
+    support plain view/copy)."""
+    model = dataclasses.replace(recipe.model, vocab_size=vocab_size, padded_vocab_size=padded_vocab)
+    args = model_args(dataclasses.replace(recipe, model=model))
     args += ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
              "--context-parallel-size", "1", "--micro-batch-size", "1", "--global-batch-size", "1",
              "--train-iters", "1", "--lr", "0.0", "--min-lr", "0.0", "--seed", str(recipe.schedule.seed),

@@ -323,13 +323,14 @@ def check_files(recipe: Recipe, paths: ExperimentPaths) -> Findings:
         if not (pre / "latest_checkpointed_iteration.txt").is_file():
             out.add_machine("checkpoint.pretrained",
                             "is not a Megatron checkpoint directory (no latest_checkpointed_iteration.txt)", str(pre))
-    existing = _nearest_existing(paths.root)
+    existing = nearest_existing(paths.root)
     if not os.access(existing, os.W_OK):
         out.add_machine("exp", f"{existing} is not writable", str(paths.root))
     return out
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """The path itself, or its nearest ancestor that exists (where a folder to be created would go)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -363,7 +364,7 @@ def check_gpu(recipe: Recipe) -> Findings:
 
 
 def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(_nearest_existing(path)).free
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 # --------------------------------------------------------------------------- free space for a checkpoint
@@ -421,7 +422,7 @@ def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | 
     if not recipe.checkpoint.save:
         return out
     need = checkpoint_bytes(recipe)
-    where = _nearest_existing(paths.checkpoints)
+    where = nearest_existing(paths.checkpoints)
     try:
         free = free_bytes(paths.checkpoints)
     except OSError as exc:
