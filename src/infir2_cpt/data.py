@@ -18,6 +18,7 @@ empty document is skipped and counted with its file and line number (or made fat
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import gzip
 import io
@@ -357,8 +358,7 @@ class _Settings:
 
     tokenizer_json: str  # the backend tokenizer, serialized: workers need neither transformers nor the folder
     text_key: str
-    append_eod: bool
-    eod_id: int | None
+    eod_id: int | None  # None: no EOD appended (--no-append-eod)
     dtype: str
     strict: bool
     batch_size: int
@@ -404,10 +404,14 @@ def _count_lines(path: str, end: int) -> int:
     return count
 
 
+def _lines_before(unit: WorkUnit) -> int:
+    """Lines (parquet: rows) of the file before the unit's first one, computed inside the worker."""
+    return _count_lines(unit.path, unit.start) if unit.kind == "jsonl" else unit.first_row
+
+
 def _location(unit: WorkUnit, row: int) -> str:
-    """file:line (1-based; the parquet row for parquet) of a row of a unit, computed inside the worker."""
-    before = _count_lines(unit.path, unit.start) if unit.kind == "jsonl" else unit.first_row
-    return f"{unit.path}:{before + row}"
+    """file:line (1-based; the parquet row for parquet) of a row of a unit."""
+    return f"{unit.path}:{_lines_before(unit) + row}"
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int] | None]:
@@ -425,13 +429,16 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int] | None]:
         return ids
 
 
-def _write(builder: Any, documents: list[list[int]], dtype: np.dtype) -> None:
-    """Append documents to the shard: one numpy conversion for the batch, one add_document per document."""
+def _write(builder: Any, documents: list[list[int]], dtype: np.dtype) -> int:
+    """Append documents to the shard: one numpy conversion for the batch, one add_document per document.
+    Returns the tokens written."""
     lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-    flat = np.fromiter(chain.from_iterable(documents), dtype=dtype, count=int(lengths.sum()))
+    tokens = int(lengths.sum())
+    flat = np.fromiter(chain.from_iterable(documents), dtype=dtype, count=tokens)
     ends = np.cumsum(lengths)
     for start, end in zip((ends - lengths).tolist(), ends.tolist()):
         builder.add_document(flat[start:end], [end - start])
+    return tokens
 
 
 def process_unit(unit: WorkUnit, settings: _Settings, tokenizer: Any, report: Report) -> UnitResult:
@@ -445,22 +452,23 @@ def process_unit(unit: WorkUnit, settings: _Settings, tokenizer: Any, report: Re
     started, cpu_started = time.perf_counter(), time.process_time()
     reported_bytes = 0
     batches = _batches(unit, settings.batch_size, settings.text_key)
+    if unit.kind == "parquet":  # a parquet row is the text column's value, a JSONL row a line to parse
+        check_row = _check_text
+    else:
+        check_row = functools.partial(parse_json_line, text_key=settings.text_key)
     while True:
         try:
             payloads, position = next(batches)
         except StopIteration:
             break
         except Exception as exc:  # a corrupt or truncated file: fatal, since the rest of it is unreadable
-            line = _location(unit, result.rows).rsplit(":", 1)[1]
+            line = _lines_before(unit) + result.rows
             raise DataError([Problem(unit.path, f"unreadable after line {line}, corrupt or truncated? "
                                      f"({type(exc).__name__}: {exc})")]) from None
         texts, rows = [], []
         for payload in payloads:
             result.rows += 1
-            if unit.kind == "parquet":
-                text, reason, detail = _check_text(payload)
-            else:
-                text, reason, detail = parse_json_line(payload, settings.text_key)
+            text, reason, detail = check_row(payload)
             if reason is None:
                 texts.append(text)
                 rows.append(result.rows)
@@ -496,14 +504,14 @@ def _tokenize_and_write(texts: list[str], rows: list[int], unit: WorkUnit, setti
         elif not ids:
             result.skip(row, "empty_document", "no tokens")
         else:
-            if settings.eod_id is not None and settings.append_eod:
+            if settings.eod_id is not None:
                 ids.append(settings.eod_id)
             documents.append(ids)
     t2 = time.perf_counter()
-    _write(builder, documents, dtype)
+    tokens = _write(builder, documents, dtype)
     t3 = time.perf_counter()
     result.documents += len(documents)
-    result.tokens += sum(map(len, documents))
+    result.tokens += tokens
     result.times["tokenize"] += t1 - t0
     result.times["convert"] += t2 - t1
     result.times["write"] += t3 - t2
@@ -877,7 +885,7 @@ def prepare_data(
     if not units:
         raise DataError([Problem("input", "every input file is empty", ", ".join(map(str, files)))])
     settings_base = dict(tokenizer_json=tokenizer.backend_tokenizer.to_str(), text_key=text_key,
-                         append_eod=append_eod, eod_id=eod_id if append_eod else None,
+                         eod_id=eod_id if append_eod else None,
                          dtype=np.dtype(dtype).name, strict=strict, batch_size=batch_size)
     temporary = Path(tempfile.mkdtemp(prefix=f".{final[1].stem}.", suffix=".tmp", dir=final[0].parent))
     try:
