@@ -560,6 +560,10 @@ def test_check_logits_dry_run(converted, tmp_path):
     result = run_cli("convert", "check-logits", "--hf", str(hf), "--ckpt", str(meg / "release"), "--recipe", "tiny",
                      *set_args(tiny_sets(tied)), "--seq", "65", "--dry-run")
     assert result.returncode == 2 and "--seq: exceeds model.max_position_embeddings (64)" in result.stderr
+    result = run_cli("convert", "check-logits", "--hf", str(hf), "--ckpt", str(meg / "release"), "--recipe", "tiny",
+                     *set_args(tiny_sets(tied)), "--seq", "65", "--dtype", "fp16", "--dry-run")
+    assert result.returncode == 2 and "--dtype: must be bf16 or fp32" in result.stderr  # reported with the rest
+    assert "--seq: exceeds model.max_position_embeddings (64)" in result.stderr
 
 
 def test_logit_errors():

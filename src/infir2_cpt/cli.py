@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -300,12 +300,13 @@ ConvertDryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="Check everything, print the torchrun command, and exit; writes nothing.")]
 
 
-def _convert(plan_name: str, req) -> None:
+def _convert(planner: Callable[[Any], Any], req: Any) -> None:
+    """Plan with one of convert_launch's planners, then print (--dry-run) or run the plan."""
     from . import convert_launch
     from .conversion import ConversionError
 
     try:
-        plan = getattr(convert_launch, plan_name)(req)
+        plan = planner(req)
     except ConversionError as exc:
         fail(exc.problems, exc.title)
     for warning in plan.warnings:
@@ -339,10 +340,10 @@ def convert_hf_to_megatron(
     'release' (weights only, what Megatron's --pretrained-checkpoint loads), then reads it back and compares it
     bit for bit. Runs on one GPU, in BF16; then train with --set checkpoint.pretrained=OUT.
     """
-    from .convert_launch import ConvertRequest
+    from .convert_launch import ConvertRequest, plan_hf_to_megatron
 
-    _convert("plan_hf_to_megatron", ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, out=out, tp=tp,
-                                                   verify=not no_verify, dry_run=dry_run))
+    _convert(plan_hf_to_megatron, ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, out=out, tp=tp,
+                                                 verify=not no_verify, dry_run=dry_run))
 
 
 @convert_app.command("megatron-to-hf")
@@ -371,11 +372,11 @@ def convert_megatron_to_hf(
     shape comes from --recipe, or from exp/<name>/recipe.yaml when CKPT is inside an experiment. Every tensor is
     checked against that shape before anything runs (exit 2). Needs no GPU.
     """
-    from .convert_launch import ConvertRequest
+    from .convert_launch import ConvertRequest, plan_megatron_to_hf
 
-    _convert("plan_megatron_to_hf", ConvertRequest(recipe=recipe, sets=sets or [], ckpt=ckpt, out=out,
-                                                   tokenizer=tokenizer, hf_config=hf_config, vocab_size=vocab_size,
-                                                   dry_run=dry_run))
+    _convert(plan_megatron_to_hf, ConvertRequest(recipe=recipe, sets=sets or [], ckpt=ckpt, out=out,
+                                                 tokenizer=tokenizer, hf_config=hf_config, vocab_size=vocab_size,
+                                                 dry_run=dry_run))
 
 
 @convert_app.command("check-logits")
@@ -399,13 +400,11 @@ def convert_check_logits(
     Prints the max absolute and relative error (and mean error, top-1 agreement); exit 1 when the relative
     error exceeds --max-rel. The Megatron model runs without FP8, in --dtype, on one GPU.
     """
-    from .convert_launch import ConvertRequest
+    from .convert_launch import ConvertRequest, plan_check_logits
 
-    if dtype not in ("bf16", "fp32"):
-        fail([Problem("--dtype", "must be bf16 or fp32", dtype)], "infir2: cannot compare logits")
-    _convert("plan_check_logits", ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, ckpt=ckpt, dtype=dtype,
-                                                 batch=batch, seq=seq, seed=seed, max_rel=max_rel, report=report,
-                                                 dry_run=dry_run))
+    _convert(plan_check_logits, ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, ckpt=ckpt, dtype=dtype,
+                                               batch=batch, seq=seq, seed=seed, max_rel=max_rel, report=report,
+                                               dry_run=dry_run))
 
 
 

@@ -399,6 +399,8 @@ def plan_check_logits(req: ConvertRequest) -> ConvertPlan:
     for key, value in (("--batch", req.batch), ("--seq", req.seq)):
         if value < 1:
             problems.append(Problem(key, "must be at least 1", value))
+    if req.dtype not in ("bf16", "fp32"):
+        problems.append(Problem("--dtype", "must be bf16 or fp32", req.dtype))
     shape = None
     if recipe is not None and source is not None and found is not None:
         padded = checkpoint_padded_vocab(recipe, found, problems)
