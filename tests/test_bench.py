@@ -746,3 +746,14 @@ def test_no_gpu_exits_2_before_anything_is_written(cli, exp_root, monkeypatch):
     assert result.exit_code == 2 and "no CUDA GPU is visible" in result.stderr
     assert calls == [[{"nproc": 1, "fp8": None}, {"nproc": 1, "fp8": "blockwise"}]]
     assert not exp_root.exists()
+
+
+def test_ctrl_c_while_planning_exits_130_without_a_traceback(cli, exp_root, monkeypatch):
+    """Ctrl-C can land before the plan exists (the planner parses every variant with Megatron's checks)."""
+    def interrupted(req):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "plan_bench", interrupted)
+    result = cli("bench", "--recipe", "tiny")
+    assert result.exit_code == 130 and "infir2: bench interrupted" in result.stderr
+    assert "results so far" not in result.stderr and not isinstance(result.exception, UnboundLocalError)

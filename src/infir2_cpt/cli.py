@@ -517,6 +517,7 @@ def bench_cmd(
         baseline=baseline, gpu_name=gpu_name, fidelity=fidelity, data=data, tokenizer=tokenizer, seed=seed,
         loss_window=loss_window, profile=profile, profile_steps=profile_steps, memory_snapshot=memory_snapshot,
         timeout_minutes=timeout_minutes, dry_run=dry_run, verbose=verbose)
+    plan = None
     try:
         plan = bench.plan_bench(req)
         if dry_run:
@@ -529,8 +530,9 @@ def bench_cmd(
         fail(exc.problems, f"infir2: invalid recipe {exc.source}")
     except bench.BenchError as exc:
         fail(exc.problems, exc.title)
-    except KeyboardInterrupt:
-        print(f"\ninfir2: bench interrupted; results so far: {plan.root / bench.RESULTS_FILE}", file=sys.stderr)
+    except KeyboardInterrupt:  # also while planning, before any result exists
+        where = f"; results so far: {plan.root / bench.RESULTS_FILE}" if plan is not None else ""
+        print(f"\ninfir2: bench interrupted{where}", file=sys.stderr)
         raise typer.Exit(130)
     print(bench.summary(report))
     if not report.all_ok:
