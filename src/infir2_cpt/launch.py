@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints as ck
-from .layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, read_json_object
+from .layout import (DECAY_SOURCE_FILE, DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, RECIPE_FILE, SCHEDULE_FILE,
+                     ExperimentPaths, read_json_object)
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
 from .recipes import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from .torchrun import GRACE_ENV
 from .validation import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
                          drop_consequences)
-
-DEFAULT_ENTRY = "infir2_cpt.entry"
-ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
 
 
 @dataclass
@@ -385,7 +383,7 @@ def execute(plan: LaunchPlan) -> None:
     env = dict(os.environ)
     env.update(plan.env)
     env["INFIR2_LOG_FILE"] = str(log_file)
-    env["INFIR2_EXP_DIR"] = str(paths.root)
+    env[EXP_DIR_ENV] = str(paths.root)
     print(describe(plan), file=sys.stderr)
     print(f"# console log of this node (all local ranks): {log_file}", file=sys.stderr, flush=True)
     start_console_tee(log_file)

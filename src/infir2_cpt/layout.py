@@ -13,6 +13,11 @@ RECIPE_FILE = "recipe.yaml"  # the resolved recipe of the last launch
 SCHEDULE_FILE = "schedule.json"  # the LR schedule Megatron was given
 DECAY_SOURCE_FILE = "decay_source.json"  # a decay run's stable checkpoint
 
+# What a launch tells its processes; the experiment lock (locking.py) recognizes a run's workers by them.
+EXP_DIR_ENV = "INFIR2_EXP_DIR"  # the experiment folder
+DEFAULT_ENTRY = "infir2_cpt.entry"
+ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
+
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
     """A JSON object from a file, or None when the file is missing, unreadable or not an object."""

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layout import ExperimentPaths
+from .layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
 from .recipes import Problem
 
 LOCK_VERSION = 1
@@ -146,7 +146,7 @@ def holder_alive(info: LockInfo) -> bool:
     return True
 
 
-TRAINING_ENTRIES = ("infir2_cpt.entry", "pretrain_gpt.py")
+TRAINING_ENTRIES = (DEFAULT_ENTRY, "pretrain_gpt.py")
 ORPHAN_EXIT_WAIT_S = 20.0  # DataLoader workers notice their dead parent within ~5 s
 
 
@@ -161,7 +161,8 @@ def _is_training_process(pid: int, environ: list[bytes]) -> bool:
     inherit INFIR2_EXP_DIR too, but they neither train nor write checkpoints, so they do not block a launch.
     """
     entries = [e.encode() for e in TRAINING_ENTRIES]
-    entries += [item.split(b"=", 1)[1] for item in environ if item.startswith(b"INFIR2_ENTRY=") and b"=" in item]
+    override = ENTRY_ENV.encode() + b"="
+    entries += [item[len(override):] for item in environ if item.startswith(override)]
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -172,7 +173,7 @@ def _is_training_process(pid: int, environ: list[bytes]) -> bool:
 def orphaned_workers(exp_dir: Path) -> list[int]:
     """Live training processes started for this experiment (they carry INFIR2_EXP_DIR=<exp_dir>): torchrun's
     workers run in their own sessions and can outlive a SIGKILL of torchrun. Linux only."""
-    needle = b"INFIR2_EXP_DIR=" + os.fsencode(str(exp_dir))
+    needle = EXP_DIR_ENV.encode() + b"=" + os.fsencode(str(exp_dir))
     found = []
     proc = Path("/proc")
     if not proc.is_dir():
@@ -441,7 +442,7 @@ def release(paths: ExperimentPaths, info: LockInfo) -> bool:
 def release_at_exit(environ: dict[str, str] | None = None) -> bool:
     """Called by the lock's holder (torchrun, after the exec) when it exits: remove the lock of
     $INFIR2_EXP_DIR if this very process holds it. True when removed."""
-    exp_dir = (os.environ if environ is None else environ).get("INFIR2_EXP_DIR")
+    exp_dir = (os.environ if environ is None else environ).get(EXP_DIR_ENV)
     if not exp_dir:
         return False
     paths = ExperimentPaths(name=Path(exp_dir).name, root=Path(exp_dir))
