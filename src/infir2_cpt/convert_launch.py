@@ -32,7 +32,7 @@ from .conversion import (
     recipe_padded_vocab,
     tensor_parallel_problems,
 )
-from .launch import resolve_env
+from .launch import flag_lines, resolve_env
 from .layout import RECIPE_FILE
 from .megatron_args import model_args
 from .model_shape import ModelShape
@@ -442,13 +442,7 @@ def format_plan(plan: ConvertPlan) -> str:
     """The notes, the environment and the command, shell-quoted, one option (with its value) per line."""
     lines = [f"# {note}" for note in plan.notes]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in plan.env.items()]
-    parts: list[list[str]] = []
-    for arg in plan.command:
-        if not parts or arg.startswith("-"):
-            parts.append([arg])
-        else:
-            parts[-1].append(arg)
-    rendered = [" ".join(shlex.quote(a) for a in part) for part in parts]
+    rendered = flag_lines(plan.command, prefix="-")
     lines += [("    " if i else "") + text + (" \\" if i < len(rendered) - 1 else "") for i, text in enumerate(rendered)]
     return "\n".join(lines)
 

@@ -334,16 +334,17 @@ def format_command(plan: LaunchPlan) -> str:
     """The environment and the command, shell-quoted, one flag (with its values) per line."""
     lines = [f"export {name}={shlex.quote(value)}" for name, value in plan.env.items()]
     lines.append(" ".join(shlex.quote(a) for a in plan.launcher) + " \\")
-    flat = _flag_lines(plan.megatron_args)
+    flat = flag_lines(plan.megatron_args)
     for i, line in enumerate(flat):
         lines.append("    " + line + (" \\" if i < len(flat) - 1 else ""))
     return "\n".join(lines)
 
 
-def _flag_lines(args: list[str]) -> list[str]:
+def flag_lines(args: list[str], prefix: str = "--") -> list[str]:
+    """Shell-quoted lines of a command: a new line at every argument starting with `prefix`."""
     lines: list[list[str]] = []
     for arg in args:
-        if arg.startswith("--") or not lines:
+        if arg.startswith(prefix) or not lines:
             lines.append([arg])
         else:
             lines[-1].append(arg)
