@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe of the last launch
 SCHEDULE_FILE = "schedule.json"  # the LR schedule Megatron was given
 DECAY_SOURCE_FILE = "decay_source.json"  # a decay run's stable checkpoint
+STOP_REQUEST_FILE = ".infir2.stop"  # `infir2 stop`: every node's launcher stops its workers as on SIGTERM
 
 # What a launch tells its processes; the experiment lock (locking.py) recognizes a run's workers by them.
 EXP_DIR_ENV = "INFIR2_EXP_DIR"  # the experiment folder
@@ -26,6 +28,32 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    time: float  # wall-clock time it was written; a launcher started later ignores it
+    origin: str  # who asked, for the log line
+
+
+def stop_request_path(exp_dir: Path) -> Path:
+    return exp_dir / STOP_REQUEST_FILE
+
+
+def write_stop_request(exp_dir: Path, origin: str) -> Path:
+    """Ask the running launch of exp_dir (every node of it) to save and stop. Written atomically."""
+    path = stop_request_path(exp_dir)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"time": time.time(), "origin": origin}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_stop_request(path: Path) -> StopRequest | None:
+    data = read_json_object(path)
+    if data is None or not isinstance(data.get("time"), (int, float)):
+        return None
+    return StopRequest(time=float(data["time"]), origin=str(data.get("origin", "unknown")))
 
 
 def exp_root() -> Path:
