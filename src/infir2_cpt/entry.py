@@ -14,10 +14,12 @@ import sys
 from functools import partial
 from typing import Any, Iterator
 
-from . import wgrad_fusion
+from . import fp8_options, masters, wgrad_fusion
+from .fp8_options import RuntimeOptions
 from .wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+_OPTIONS = RuntimeOptions()  # set by main() from the launcher's INFIR2_RUNTIME_OPTIONS
 
 
 def _megatron():
@@ -89,7 +91,7 @@ def loss_func(loss_mask, output_tensor):
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    if get_args().check_for_nan_in_loss_and_grad:
+    if get_args().check_for_nan_in_loss_and_grad and not _OPTIONS.nan_check_per_step:
         from megatron.core.rerun_state_machine import get_rerun_state_machine
 
         checker = get_rerun_state_machine()
@@ -193,15 +195,43 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _say(note: str) -> None:
+    print(f"infir2.entry: {note}", flush=True)
+
+
+def _install_after_setup(options: RuntimeOptions) -> None:
+    """Work on the built and loaded model before training: options that act on modules, then the
+    master-weight diagnostics (masters.py) when asked for."""
+    import megatron.training.training as training
+
+    original = training.setup_model_and_optimizer
+
+    def setup_model_and_optimizer(*args: Any, **kwargs: Any) -> Any:
+        model, optimizer, scheduler = original(*args, **kwargs)
+        if options.fp8_proj_original_input:
+            _say(f"attention output projections keep their BF16 input: {fp8_options.keep_original_proj_input(model)}")
+        for note in fp8_options.describe_model(model, options):
+            _say(note)
+        from megatron.training import get_args
+
+        masters.after_setup(model, optimizer, get_args())
+        return model, optimizer, scheduler
+
+    training.setup_model_and_optimizer = setup_model_and_optimizer
+
+
 def main(argv: list[str] | None = None) -> None:
+    global _OPTIONS
     die_with_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
+    _OPTIONS = options = RuntimeOptions.from_env()
     if wgrad_fusion.install_if_enabled():  # before megatron.core looks for APEX's module
-        print("infir2.entry: gradient-accumulation fusion kept on with infir2's stand-in for APEX's "
-              f"{wgrad_fusion.MODULE_NAME}", flush=True)
+        _say("gradient-accumulation fusion kept on with infir2's stand-in for APEX's "
+             f"{wgrad_fusion.MODULE_NAME}")
     argv, notes = adjust_megatron_argv(argv)
-    for note in notes:
-        print(f"infir2.entry: {note}", flush=True)
+    argv, restart_notes = masters.drop_first_load_flags_on_restart(argv, masters.tracker_exists)
+    for note in notes + restart_notes:
+        _say(note)
     skip_dataset_helper_compilation()
     sys.argv = [sys.argv[0], *argv]  # Megatron parses sys.argv
 
@@ -211,6 +241,17 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args()
+    for note in fp8_options.set_config_fields(args, options):
+        _say(note)
+    if options.fp8_output_layer:
+        fp8_options.install_fp8_output_layer()
+        _say("LM head in FP8 with the run's recipe")
+    if options.fp8_attention:
+        fp8_options.install_fp8_attention(fp8_options.tensor_parallel_amax_group)
+        _say("core attention in FP8 (delayed scaling, cuDNN fused attention) inside the blockwise layers")
+    if options.nan_check_per_step:
+        _say("NaN/Inf: checked once per step on the gradients, not per micro-batch on the loss")
+    _install_after_setup(options)
     config = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
     pretrain(config, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 

@@ -1,0 +1,174 @@
+"""What runs in FP8 beyond Megatron's own flags: options the training entry installs before Megatron builds
+the model, each switched on by the recipe (the launcher lists them in INFIR2_RUNTIME_OPTIONS).
+
+- fp8_output_layer: the LM head's three GEMMs (logits, their gradient, the weight gradient) in FP8 with the
+  run's recipe. megatron-core 0.19.2 ships such a head (TELMHeadColumnParallelLinear) but picks it only for
+  MXFP8; the option widens that choice to any FP8 recipe. Its weight stays a BF16 parameter with an FP32
+  master. Untied embeddings only (the launcher checks).
+- fp8_attention: core attention in FP8 (cuDNN fused attention) inside blockwise layers. Transformer Engine
+  refuses FP8 attention under its blockwise recipe, so attention gets an FP8 context of its own with a
+  delayed-scaling recipe (E4M3 forward, E5M2 backward), nested in the layer's blockwise one; the scales are
+  updated when the layer's context exits, as for any delayed-scaling module.
+- fp8_activation_store: the SwiGLU input (the widest activation of a layer) kept in FP8 for the backward
+  pass. With Transformer Engine's SwiGLU (the launcher adds --use-te-activation-func
+  --no-bias-swiglu-fusion) it is quantized with a per-tensor current scale, so large values stay finite.
+- fp8_proj_original_input: the attention output projection keeps its BF16 input for backward (attention
+  keeps that tensor anyway) instead of an extra FP8 copy.
+- fused_qkv_rope: RoPE applied to the fused QKV output in one kernel (both precisions).
+- nan_check_per_step: the loss's NaN/Inf check once per step instead of a device sync per micro-batch.
+
+Config fields are set on Megatron's args before the model config is built from them (the config builder
+copies every field that args carries); module patches are installed before the model is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+OPTIONS_ENV = "INFIR2_RUNTIME_OPTIONS"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    fp8_output_layer: bool = False
+    fp8_attention: bool = False
+    fp8_activation_store: bool = False
+    fp8_proj_original_input: bool = False
+    fused_qkv_rope: bool = False
+    nan_check_per_step: bool = False
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def parse(cls, text: str) -> "RuntimeOptions":
+        """'a,b' -> RuntimeOptions(a=True, b=True); an unknown name is an error, not a silent no-op."""
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in cls.names()]
+        if unknown:
+            raise ValueError(f"{OPTIONS_ENV}: unknown option(s) {', '.join(unknown)}; known: {', '.join(cls.names())}")
+        return cls(**{name: True for name in chosen})
+
+    @classmethod
+    def from_env(cls, environ: Any = os.environ) -> "RuntimeOptions":
+        return cls.parse(environ.get(OPTIONS_ENV, ""))
+
+    def env_value(self) -> str:
+        return ",".join(name for name in self.names() if getattr(self, name))
+
+
+# --------------------------------------------------------------------------- config fields
+
+
+def set_config_fields(args: Any, options: RuntimeOptions) -> list[str]:
+    """Set the TransformerConfig fields Megatron has no flag for on args; returns notes."""
+    notes = []
+    if options.fp8_activation_store:
+        args.activation_func_fp8_input_store = True
+        notes.append("SwiGLU input kept in FP8 for backward (activation_func_fp8_input_store)")
+    if options.fused_qkv_rope:
+        args.fused_single_qkv_rope = True
+        notes.append("RoPE fused into the QKV output (fused_single_qkv_rope)")
+    return notes
+
+
+# --------------------------------------------------------------------------- FP8 LM head
+
+
+def any_fp8_recipe_output_layer(config: Any) -> bool:
+    """Megatron's test for the FP8 LM head, for every FP8 recipe (it asks for MXFP8)."""
+    return bool(getattr(config, "fp8", None))
+
+
+def install_fp8_output_layer() -> None:
+    """Widen the choice of the LM head in both places Megatron 0.19.2 makes it (the name was imported)."""
+    import megatron.core.fp8_utils as fp8_utils
+    import megatron.core.models.gpt.gpt_model as gpt_model
+
+    if not getattr(fp8_utils, "HAVE_TE", False):
+        raise RuntimeError("fp8_output_layer needs Transformer Engine")
+    fp8_utils.is_mxfp8_output_proj_active = any_fp8_recipe_output_layer
+    gpt_model.is_mxfp8_output_proj_active = any_fp8_recipe_output_layer
+
+
+# --------------------------------------------------------------------------- FP8 attention
+
+
+def wrap_in_context(forward: Callable[..., Any], fp8_enabled: Callable[[], bool],
+                    make_context: Callable[[], Any]) -> Callable[..., Any]:
+    """forward, run inside make_context() whenever FP8 is on at call time (BF16 layers and FP8-free
+    evaluation stay as they are)."""
+
+    @functools.wraps(forward)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not fp8_enabled():
+            return forward(self, *args, **kwargs)
+        with make_context():
+            return forward(self, *args, **kwargs)
+
+    wrapped.__infir2_fp8_attention__ = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def install_fp8_attention(amax_reduction_group: Callable[[], Any] | None = None) -> None:
+    """Core attention (Megatron's TEDotProductAttention) in its own delayed-scaling FP8 context.
+
+    One recipe object for every call: Transformer Engine keys its attention backend cache and scaling state
+    on it. Amaxes are reduced over the tensor-parallel group when sequence parallelism splits tokens."""
+    import transformer_engine.pytorch as te
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from transformer_engine.common.recipe import DelayedScaling, Format
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    if getattr(TEDotProductAttention.forward, "__infir2_fp8_attention__", False):
+        return
+    made: dict[str, Any] = {}
+
+    def context() -> Any:
+        if not made:  # at the first call: the parallel groups exist by then
+            group = amax_reduction_group() if amax_reduction_group else None
+            made["group"] = group
+            made["recipe"] = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=1,
+                                            amax_compute_algo="most_recent", fp8_dpa=True, fp8_mha=False,
+                                            reduce_amax=group is not None)
+        return te.autocast(enabled=True, recipe=made["recipe"], amax_reduction_group=made["group"])
+
+    TEDotProductAttention.forward = wrap_in_context(TEDotProductAttention.forward,
+                                                    FP8GlobalStateManager.is_fp8_enabled, context)
+
+
+def tensor_parallel_amax_group() -> Any:
+    """The TP group when sequence parallelism is on (TE requires the reduction then), else None."""
+    from megatron.core import parallel_state as mpu
+    from megatron.training import get_args
+
+    if get_args().sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1:
+        return mpu.get_tensor_model_parallel_group()
+    return None
+
+
+# --------------------------------------------------------------------------- after the model is built
+
+
+def keep_original_proj_input(model: list[Any]) -> int:
+    """save_original_input on every attention output projection; returns how many were set."""
+    count = 0
+    for chunk in model:
+        for name, module in chunk.named_modules():
+            if name.endswith("self_attention.linear_proj") and hasattr(module, "save_original_input"):
+                module.save_original_input = True
+                count += 1
+    return count
+
+
+def describe_model(model: list[Any], options: RuntimeOptions) -> list[str]:
+    """One line per option that changes modules, saying what the built model really has."""
+    notes = []
+    if options.fp8_output_layer:
+        heads = {type(m).__name__ for chunk in model for n, m in chunk.named_modules() if n.endswith("output_layer")}
+        notes.append(f"LM head: {', '.join(sorted(heads)) or 'none on this pipeline stage'}")
+    return notes

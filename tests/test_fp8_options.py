@@ -1,0 +1,120 @@
+"""The runtime options the training entry installs (fp8_options.py), against megatron-core's own code on the
+CPU: the option list, the config fields reaching Megatron's TransformerConfig, the LM-head choice Megatron
+makes, and the attention wrapper's contract. What needs Transformer Engine and a GPU (the FP8 kernels
+themselves) is measured by `infir2 bench` and recorded in benchmarks/."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any
+
+import pytest
+
+from infir2_cpt.fp8_options import OPTIONS_ENV, RuntimeOptions, set_config_fields, wrap_in_context
+
+
+def test_options_parse_and_round_trip() -> None:
+    options = RuntimeOptions.parse("fp8_output_layer, fused_qkv_rope")
+    assert options.fp8_output_layer and options.fused_qkv_rope and not options.fp8_attention
+    assert RuntimeOptions.parse(options.env_value()) == options
+    assert RuntimeOptions.from_env({}) == RuntimeOptions()
+
+
+def test_an_unknown_option_is_an_error_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=rf"{OPTIONS_ENV}: unknown option\(s\) fp8_lm_head; known: fp8_output_layer"):
+        RuntimeOptions.parse("fp8_lm_head")
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.entered = 0
+        self.exited = 0
+
+    @contextlib.contextmanager
+    def context(self) -> Any:
+        self.entered += 1
+        try:
+            yield
+        finally:
+            self.exited += 1
+
+
+def test_attention_wrapper_enters_its_context_only_under_fp8_and_always_leaves_it() -> None:
+    calls: list[tuple[Any, ...]] = []
+    fp8 = {"on": False}
+    recorder = _Recorder()
+
+    def forward(self: Any, q: int, k: int, *, mask: str) -> int:
+        calls.append((self, q, k, mask, recorder.entered - recorder.exited))
+        if mask == "boom":
+            raise RuntimeError("boom")
+        return q + k
+
+    wrapped = wrap_in_context(forward, lambda: fp8["on"], recorder.context)
+    assert wrapped("m", 1, 2, mask="causal") == 3 and recorder.entered == 0
+    fp8["on"] = True
+    assert wrapped("m", 3, 4, mask="causal") == 7
+    assert calls[-1] == ("m", 3, 4, "causal", 1)  # ran inside the context
+    with pytest.raises(RuntimeError):
+        wrapped("m", 0, 0, mask="boom")
+    assert recorder.entered == recorder.exited == 2
+    assert wrapped.__name__ == "forward" and wrapped.__infir2_fp8_attention__
+
+
+@pytest.fixture(scope="module")
+def megatron_arguments():
+    return pytest.importorskip("megatron.training.arguments")
+
+
+def _tiny_args(megatron_arguments: Any, monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> argparse.Namespace:
+    from infir2_cpt.launch import LaunchRequest, plan_run
+
+    monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True))
+    parser = megatron_arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args([*plan.megatron_args, "--no-rope-fusion", *extra])  # no TE RoPE kernel on the CPU
+    args.rank, args.world_size = 0, 1
+    megatron_arguments.validate_args(args, {})
+    return args
+
+
+def test_config_fields_reach_megatrons_transformer_config(exp_root, megatron_arguments, monkeypatch) -> None:
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    args = _tiny_args(megatron_arguments, monkeypatch, ["--use-te-activation-func", "--no-bias-swiglu-fusion"])
+    notes = set_config_fields(args, RuntimeOptions(fp8_activation_store=True, fused_qkv_rope=True))
+    assert len(notes) == 2
+    config = gpt_config_from_args(args).transformer
+    assert config.activation_func_fp8_input_store and config.fused_single_qkv_rope
+    assert config.use_te_activation_func and not config.bias_activation_fusion
+
+    plain = gpt_config_from_args(_tiny_args(megatron_arguments, monkeypatch, [])).transformer
+    assert not plain.activation_func_fp8_input_store and not plain.fused_single_qkv_rope
+
+
+def test_fp8_output_layer_makes_megatron_choose_the_te_head_for_blockwise(exp_root, megatron_arguments,
+                                                                         monkeypatch) -> None:
+    import megatron.core.fp8_utils as fp8_utils
+    import megatron.core.models.gpt.gpt_model as gpt_model
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    from infir2_cpt.fp8_options import install_fp8_output_layer
+
+    fp8_config = gpt_config_from_args(_tiny_args(megatron_arguments, monkeypatch, [])).transformer
+    assert fp8_config.fp8 and fp8_config.fp8_recipe == "blockwise"
+    assert not gpt_model.is_mxfp8_output_proj_active(fp8_config)  # Megatron's own rule: MXFP8 only
+    bf16_args = _tiny_args(megatron_arguments, monkeypatch, [])
+    bf16_args.fp8, bf16_args.fp8_param, bf16_args.fp8_param_gather = None, False, False
+    bf16_config = gpt_config_from_args(bf16_args).transformer
+
+    for module in (fp8_utils, gpt_model):  # restored after the test
+        monkeypatch.setattr(module, "is_mxfp8_output_proj_active", module.is_mxfp8_output_proj_active)
+    monkeypatch.setattr(fp8_utils, "HAVE_TE", False)
+    with pytest.raises(RuntimeError, match="needs Transformer Engine"):
+        install_fp8_output_layer()
+    monkeypatch.setattr(fp8_utils, "HAVE_TE", True)
+    install_fp8_output_layer()
+    for predicate in (gpt_model.is_mxfp8_output_proj_active, fp8_utils.is_mxfp8_output_proj_active):
+        assert predicate(fp8_config) and not predicate(bf16_config)
