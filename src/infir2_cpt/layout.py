@@ -15,7 +15,7 @@ DECAY_SOURCE_FILE = "decay_source.json"  # a decay run's stable checkpoint
 
 # What a launch tells its processes; the experiment lock (locking.py) recognizes a run's workers by them.
 EXP_DIR_ENV = "INFIR2_EXP_DIR"  # the experiment folder
-DEFAULT_ENTRY = "infir2_cpt.entry"
+DEFAULT_ENTRY = "infir2_cpt.runtime.entry"
 ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
 
 

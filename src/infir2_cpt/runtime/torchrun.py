@@ -1,4 +1,4 @@
-"""torchrun with a graceful stop: `python -m infir2_cpt.torchrun <torchrun arguments>`.
+"""torchrun with a graceful stop: `python -m infir2_cpt.runtime.torchrun <torchrun arguments>`.
 
 Plain torchrun, on SIGTERM/SIGINT, forwards the signal to its workers, SIGKILLs them 30 s later and
 exits non-zero. For a CPT run that is wrong three ways: Megatron saves a checkpoint on SIGTERM
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
         sys.exit(EXIT_RENDEZVOUS)
     finally:  # the workers are gone: give up the experiment lock the launcher took (locking.py)
-        from .locking import release_at_exit
+        from ..launch.locking import release_at_exit
 
         release_at_exit()
 
