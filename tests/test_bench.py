@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt import bench
-from infir2_cpt.bench import (BenchError, BenchRequest, Variant, VariantResult, classify_kernel, flops_per_sequence,
+from infir2_cpt.bench import plan as bench
+from infir2_cpt.bench.plan import (BenchError, BenchRequest, Variant, VariantResult, classify_kernel, flops_per_sequence,
                               gpu_peak, model_flops, parse_variant_spec, plan_bench, ratios, trace_breakdown,
                               variant_metrics)
-from infir2_cpt.model_shape import ModelShape
-from infir2_cpt.runlog import parse_log
-from infir2_cpt.wheel_workarounds import adjust_megatron_argv
+from infir2_cpt.recipe.shape import ModelShape
+from infir2_cpt.reports.runlog import parse_log
+from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_ENTRY = REPO / "tests" / "workers" / "fake_megatron.py"
@@ -96,7 +96,7 @@ def test_child_command_is_infir2_train_with_the_same_overrides(exp_root):
     assert sets.index("precision.fp8=blockwise") > sets.index("data.num_workers=4")  # ... and the variant's come last
     assert cmd[cmd.index("--") + 1:] == vp.extra_args == ["--log-memory-interval", "25"]
     text = bench.describe_plan(plan)
-    assert "--set precision.fp8=blockwise" in text and "-m infir2_cpt.entry" in text
+    assert "--set precision.fp8=blockwise" in text and "-m infir2_cpt.runtime.entry" in text
 
 
 @pytest.fixture(scope="module")
@@ -583,7 +583,7 @@ def test_cli_dry_run_prints_every_variant_command(cli, exp_root):
     for name in ("bf16", "fp8-blockwise", "fp8-tensorwise", "fp8-mbs2"):
         assert f"## variant {name}:" in out
     assert out.count("-m infir2_cpt.cli train --recipe 7b") == 4
-    assert out.count("-m infir2_cpt.entry") == 4
+    assert out.count("-m infir2_cpt.runtime.entry") == 4
     assert "--set parallel.micro_batch_size=2" in out and "--save " not in out
     assert not exp_root.exists()  # a dry run writes nothing
 
@@ -638,7 +638,7 @@ def test_end_to_end_speed(tmp_path):
         assert not any((root / name / "checkpoints").iterdir())
         argv = json.loads((root / name / "fake_megatron_argv.json").read_text())["argv"]
         assert "--save" not in argv and _value(argv, "--num-layers") == "8"
-        assert "--no-gradient-accumulation-fusion" not in argv  # added by infir2_cpt.entry, not the launcher
+        assert "--no-gradient-accumulation-fusion" not in argv  # added by infir2_cpt.runtime.entry, not the launcher
     bf16, fp8, mbs2 = results["bf16"], results["fp8-blockwise"], results["fp8-mbs2"]
     assert bf16["metrics"]["step_ms"] == 1988.0 and fp8["metrics"]["step_ms"] == 1686.0
     assert fp8["ratios"]["step_time"] == pytest.approx(1686 / 1988)

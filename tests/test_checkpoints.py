@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt import checkpoints as ck
-from infir2_cpt.launch import LaunchPlan, LaunchRequest, plan_run
-from infir2_cpt.recipes import recipe_to_yaml
-from infir2_cpt.schedule import WSDSchedule
+from infir2_cpt.launch.plan import LaunchPlan, LaunchRequest, plan_run
+from infir2_cpt.recipe.load import recipe_to_yaml
+from infir2_cpt.recipe.schedule import WSDSchedule
 
 # --------------------------------------------------------------------------- fake trees
 
@@ -231,7 +231,7 @@ def test_write_tracker_none_only_sets_aside(ckpts: Path) -> None:
 @pytest.fixture
 def launch_env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """INFIR2_EXP_ROOT=tmp and INFIR2_ENTRY set (no GPU checks)."""
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.entry")
+    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
     return exp_root
 
 
@@ -506,9 +506,9 @@ def test_checkpoints_unknown_experiment_exits_2(launch_env: Path, cli) -> None: 
 
 
 def test_first_launch_from_a_base_model_says_how_fp8_master_weights_start(exp_root, monkeypatch, tmp_path):
-    from infir2_cpt.launch import LaunchRequest, plan_run
+    from infir2_cpt.launch.plan import LaunchRequest, plan_run
 
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.entry")
+    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
     base = tmp_path / "base"
     (base / "release").mkdir(parents=True)
     (base / "latest_checkpointed_iteration.txt").write_text("release")

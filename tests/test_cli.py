@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from infir2_cpt import checkpoints as ck
-from infir2_cpt.recipes import shipped_recipe_names
+from infir2_cpt.recipe.load import shipped_recipe_names
 
 
 def _launcher_index(lines: list[str]) -> int:
@@ -101,7 +101,7 @@ def test_train_7b_dry_run(cli, exp_root):
     for option in ("--nnodes=1", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:29400"):
         assert option in launcher
     assert any(o.startswith("--rdzv-id=infir2-InfiR2_CPT_FP8_7B") for o in launcher)
-    assert launcher[-2:] == ["-m", "infir2_cpt.entry"]
+    assert launcher[-2:] == ["-m", "infir2_cpt.runtime.entry"]
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in result.stdout.splitlines()
     # machine problems of this host are warnings, not errors
     assert "warning: data.blend[0].path: missing /your_data_path.bin" in result.stderr

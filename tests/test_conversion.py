@@ -25,9 +25,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from infir2_cpt import conversion as cv  # noqa: E402
-from infir2_cpt.model_shape import ModelShape  # noqa: E402
-from infir2_cpt.recipes import load_recipe, recipe_to_yaml  # noqa: E402
+from infir2_cpt.convert import mapping as cv  # noqa: E402
+from infir2_cpt.recipe.shape import ModelShape  # noqa: E402
+from infir2_cpt.recipe.load import load_recipe, recipe_to_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "megatron_cpu_convert.py"
@@ -295,7 +295,7 @@ def test_config_for_the_published_qwen2_5_shapes():
 
 def test_bench_and_conversion_share_one_model_shape():
     """One type for the FLOP count and the mapping; a FLOP-only shape (no HF vocabulary) cannot be mapped."""
-    from infir2_cpt import bench
+    from infir2_cpt.bench import plan as bench
 
     assert bench.ModelShape is cv.ModelShape is ModelShape
     recipe = load_recipe("7b").recipe
@@ -366,7 +366,7 @@ def test_hf_to_megatron_dry_run_prints_the_bf16_tp1_command(tmp_path):
                      "--recipe", "tiny", *set_args(tiny_sets(False)), "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "-m infir2_cpt.convert_entry hf-to-megatron" in out and "--standalone" in out
+    assert "-m infir2_cpt.runtime.convert_entry hf-to-megatron" in out and "--standalone" in out
     assert "--padded-vocab-size 1024" in out and "--vocab-size 1000" in out
     assert f"--save {tmp_path / 'meg'}" in out and "--bf16" in out and "--transformer-impl transformer_engine" in out
     assert "--fp8" not in out and "--use-distributed-optimizer" not in out
@@ -421,7 +421,7 @@ def test_hf_recipe_needs_a_stated_padded_vocab(tmp_path):
 
 def megatron_cpu_convert(tmp_path: Path, tied: bool) -> tuple[Path, Path, dict]:
     """HF folder -> Megatron release checkpoint through the worker; returns (hf dir, checkpoint dir, result)."""
-    from infir2_cpt import convert_launch
+    from infir2_cpt.convert import plan as convert_launch
 
     hf = save_hf(tiny_model(tied, torch.float32, seed=11), tmp_path / "hf")
     recipe = load_recipe("tiny", tiny_sets(tied)).recipe
@@ -567,7 +567,7 @@ def test_check_logits_dry_run(converted, tmp_path):
 
 
 def test_logit_errors():
-    from infir2_cpt.convert_entry import logit_errors
+    from infir2_cpt.runtime.convert_entry import logit_errors
 
     reference = torch.tensor([[[1.0, -4.0, 2.0]]])
     errors = logit_errors(reference, reference + torch.tensor([[[0.0, 0.5, 0.0]]]))

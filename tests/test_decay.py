@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt import checkpoints as ck
-from infir2_cpt import launch
-from infir2_cpt.launch import LaunchError, LaunchPlan, LaunchRequest, plan_run
+from infir2_cpt.launch import plan as launch
+from infir2_cpt.launch.plan import LaunchError, LaunchPlan, LaunchRequest, plan_run
 
 
 def make_ckpt(ckpt_dir: Path, iteration: int, missing: tuple[str, ...] = ()) -> Path:
@@ -39,7 +39,7 @@ def flag_value(args: list[str], flag: str) -> str | None:
 
 @pytest.fixture
 def env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.entry")
+    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
     return exp_root
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt import launch
-from infir2_cpt.launch import LaunchRequest, plan_run
-from infir2_cpt.wheel_workarounds import adjust_megatron_argv, apex_wgrad_fusion_available
+from infir2_cpt.launch import plan as launch
+from infir2_cpt.launch.plan import LaunchRequest, plan_run
+from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv, apex_wgrad_fusion_available
 
 
 def test_gradient_accumulation_fusion_is_disabled_without_apex() -> None:
@@ -52,7 +52,7 @@ def test_te_cross_entropy_fusion_becomes_native_and_last_value_wins() -> None:
 def test_dataset_helper_compilation_is_skipped_and_helpers_are_real() -> None:
     code = textwrap.dedent("""
         import megatron.core.datasets.utils as u
-        from infir2_cpt.wheel_workarounds import skip_dataset_helper_compilation
+        from infir2_cpt.runtime.wheel_workarounds import skip_dataset_helper_compilation
         skip_dataset_helper_compilation()
         u.compile_helpers()  # would run `make` in the wheel, which ships no Makefile
         from megatron.core.datasets import helpers_cpp
@@ -80,7 +80,7 @@ def test_megatron_sets_up_the_tiny_recipe_with_an_offline_wandb_run(tmp_path: Pa
     argv, _ = adjust_megatron_argv(argv + ["--no-rope-fusion"])  # the CPU has no TE for the rope kernel
     code = textwrap.dedent(f"""
         import json, sys
-        from infir2_cpt.wheel_workarounds import skip_dataset_helper_compilation
+        from infir2_cpt.runtime.wheel_workarounds import skip_dataset_helper_compilation
         skip_dataset_helper_compilation()
         sys.argv = ["entry"] + {argv!r}
         from megatron.training.arguments import parse_and_validate_args
@@ -138,7 +138,7 @@ def test_console_tee_copies_everything_and_survives_group_signals(tmp_path: Path
     code = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from infir2_cpt.launch import start_console_tee
+        from infir2_cpt.launch.plan import start_console_tee
         print("before exec", flush=True)
         start_console_tee(Path({str(log_file)!r}))
         os.execvp("bash", ["bash", "-c", "echo from-exec; (echo from-child >&2); kill -TERM 0; echo after-signal"])
@@ -158,8 +158,8 @@ def test_worker_dies_with_its_launcher(tmp_path: Path) -> None:
     """entry.die_with_launcher: a SIGKILLed parent takes its worker with it (torchrun's workers live in
     sessions of their own, so a process-group kill would otherwise miss them)."""
     marker = tmp_path / "worker.pid"
-    worker = (f"import os, time, sys; sys.path.insert(0, {str(Path(launch.__file__).parents[1])!r}); "
-              f"from infir2_cpt.entry import die_with_launcher; die_with_launcher(); "
+    worker = (f"import os, time, sys; sys.path.insert(0, {str(Path(launch.__file__).parents[2])!r}); "
+              f"from infir2_cpt.runtime.entry import die_with_launcher; die_with_launcher(); "
               f"open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent_code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}], "
                    f"start_new_session=True); time.sleep(60)")

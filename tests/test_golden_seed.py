@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt.launch import LaunchRequest, plan_run
+from infir2_cpt.launch.plan import LaunchRequest, plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"

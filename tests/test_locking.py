@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt import locking
+from infir2_cpt.launch import locking as locking
 from infir2_cpt.layout import ExperimentPaths
 
 NOT_HERE = "198.51.100.7:29400"  # TEST-NET-2: never an address of this machine
@@ -34,7 +34,7 @@ def _holder(paths: ExperimentPaths, *, nnodes: int = 1, endpoint: str = "localho
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from infir2_cpt import locking
+        from infir2_cpt.launch import locking as locking
         from infir2_cpt.layout import ExperimentPaths
         paths = ExperimentPaths(name={paths.name!r}, root=Path({str(paths.root)!r}))
         result = locking.acquire(paths, nnodes={nnodes}, rdzv_endpoint={endpoint!r}, rdzv_id={rdzv_id!r})
@@ -153,7 +153,7 @@ def test_a_lock_being_written_is_waited_for(paths: ExperimentPaths) -> None:
     paths.lock_file.write_text("")
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import json, time
-        from infir2_cpt import locking
+        from infir2_cpt.launch import locking as locking
         info = locking.new_info().__dict__
         info.update(host="gpu-node-3")
         time.sleep(0.5)
@@ -195,7 +195,7 @@ def test_racing_takeovers_leave_exactly_one_writer(paths: ExperimentPaths) -> No
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from infir2_cpt import locking
+        from infir2_cpt.launch import locking as locking
         from infir2_cpt.layout import ExperimentPaths
         paths = ExperimentPaths(name="exp1", root=Path({str(paths.root)!r}))
         try:
@@ -332,10 +332,10 @@ def test_release_at_exit_removes_the_lock_of_this_process_only(paths: Experiment
 
 
 def test_the_holder_releases_the_lock_when_it_exits(paths: ExperimentPaths) -> None:
-    """What infir2_cpt.torchrun does on its way out, in a child process that took the lock."""
+    """What infir2_cpt.runtime.torchrun does on its way out, in a child process that took the lock."""
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from infir2_cpt import locking
+        from infir2_cpt.launch import locking as locking
         from infir2_cpt.layout import ExperimentPaths
         paths = ExperimentPaths(name="exp1", root=Path({str(paths.root)!r}))
         locking.acquire(paths)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt import checkpoints as ck
-from infir2_cpt.launch import LaunchRequest, plan_run
+from infir2_cpt.launch.plan import LaunchRequest, plan_run
 from infir2_cpt.layout import ExperimentPaths
-from infir2_cpt.megatron_args import LoadPlan, build_megatron_args
-from infir2_cpt.recipes import load_recipe, shipped_recipe_names
+from infir2_cpt.launch.megatron_args import LoadPlan, build_megatron_args
+from infir2_cpt.recipe.load import load_recipe, shipped_recipe_names
 
 
 @pytest.fixture(scope="module")

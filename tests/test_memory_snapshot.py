@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from fake_snapshot import ACTIVATIONS, ADAM, GRADS, MIB, OLD, PARAMS, QUANTIZED, iteration_snapshot
-from infir2_cpt.memory_snapshot import (GIB, PHASE_ORDER, live_blocks_at_end, live_blocks_at_start, peak_breakdown,
+from infir2_cpt.bench.memory import (GIB, PHASE_ORDER, live_blocks_at_end, live_blocks_at_start, peak_breakdown,
                                         phase_of, site_of, snapshot_breakdown)
 
 PERSISTENT = PARAMS + GRADS + ADAM

@@ -312,16 +312,16 @@ def test_node_that_never_arrives(best_nodes: Nodes, tmp_path: Path) -> None:
 
 
 def test_rendezvous_options_are_read_from_the_launch_command(monkeypatch, tmp_path: Path) -> None:
-    """infir2_cpt.torchrun finds the endpoint and join_timeout in the command launch.py writes (if the
+    """infir2_cpt.runtime.torchrun finds the endpoint and join_timeout in the command launch.py writes (if the
     format changed, the bounded wait for the first node would silently stop applying)."""
-    from infir2_cpt.launch import LaunchRequest, plan_run
-    from infir2_cpt.rendezvous import parse_args
+    from infir2_cpt.launch.plan import LaunchRequest, plan_run
+    from infir2_cpt.runtime.rendezvous import parse_args
 
     monkeypatch.setenv("INFIR2_EXP_ROOT", str(tmp_path / "exp"))
     plan = plan_run(LaunchRequest(recipe="tiny", nnodes=2, nproc_per_node=2, rdzv_endpoint="node0.example:29411",
                                   exp="parse", sets=["launch.join_timeout=42"], dry_run=True),
                     {"INFIR2_ENTRY": str(WORKER)})
-    args = parse_args(plan.launcher[plan.launcher.index("infir2_cpt.torchrun") + 1:] + plan.megatron_args)
+    args = parse_args(plan.launcher[plan.launcher.index("infir2_cpt.runtime.torchrun") + 1:] + plan.megatron_args)
     assert args is not None
     assert (args.host, args.port, args.join_timeout, args.max_nodes) == ("node0.example", 29411, 42, 2)
     assert args.rdzv_id.startswith("infir2-parse-")

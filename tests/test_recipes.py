@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infir2_cpt.launch import LaunchRequest, load_request_recipe
-from infir2_cpt.recipes import (RECIPES_DIR, RecipeError, field_docs, load_raw, load_recipe, recipe_to_yaml,
+from infir2_cpt.launch.plan import LaunchRequest, load_request_recipe
+from infir2_cpt.recipe.load import (RECIPES_DIR, RecipeError, field_docs, load_raw, load_recipe, recipe_to_yaml,
                                 shipped_recipe_names)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,9 +23,11 @@ from typing import Callable
 import pytest
 from click.testing import Result
 
-from infir2_cpt import launch, locking, validation
+from infir2_cpt.launch import plan as launch
+from infir2_cpt.launch import locking as locking
+from infir2_cpt.recipe import validate as validation
 from infir2_cpt.layout import ExperimentPaths
-from infir2_cpt.recipes import load_recipe
+from infir2_cpt.recipe.load import load_recipe
 
 WORKER = Path(__file__).resolve().parent / "workers" / "sleepy_worker.py"
 
@@ -332,7 +334,7 @@ def test_exit_duration_from_a_set_and_the_signal_handler_always(cli: Callable[..
 
 
 def _lock_holder(root: Path, name: str) -> subprocess.Popen:
-    code = (f"import time; from pathlib import Path; from infir2_cpt import locking; "
+    code = (f"import time; from pathlib import Path; from infir2_cpt.launch import locking; "
             f"from infir2_cpt.layout import ExperimentPaths; "
             f"locking.acquire(ExperimentPaths({name!r}, Path({str(root / name)!r}))); print('held', flush=True); "
             f"time.sleep(60)")
@@ -437,7 +439,7 @@ def test_sigterm_reaches_the_worker_and_the_same_command_runs_again(tmp_path: Pa
         lock = json.loads((tmp_path / "exp" / "tiny" / ".infir2.lock").read_text())
         # exec kept the PID: the launcher's PID is now torchrun (our wrapper), the lock names it
         assert lock["pid"] == first.proc.pid == ready["ppid"]
-        assert "infir2_cpt.torchrun" in _cmdline(first.proc.pid)
+        assert "infir2_cpt.runtime.torchrun" in _cmdline(first.proc.pid)
         assert ready["exp_dir"] == str(tmp_path / "exp" / "tiny")
 
         second = Launch(tmp_path, args, tag="b")
@@ -453,7 +455,7 @@ def test_sigterm_reaches_the_worker_and_the_same_command_runs_again(tmp_path: Pa
     finally:
         first.kill()
     paths = ExperimentPaths("tiny", tmp_path / "exp" / "tiny")
-    assert not paths.lock_file.exists()  # torchrun (infir2_cpt.torchrun) released it on its way out
+    assert not paths.lock_file.exists()  # torchrun (infir2_cpt.runtime.torchrun) released it on its way out
 
     again = Launch(tmp_path, args, tag="c", SLEEPY_SECONDS="0")
     try:

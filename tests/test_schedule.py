@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from infir2_cpt import checkpoints as ck
-from infir2_cpt.launch import LaunchRequest, plan_run
-from infir2_cpt.reports import Curve, decay_schedule, recipe_curve, schedule_segments
-from infir2_cpt.schedule import WSDSchedule
+from infir2_cpt.launch.plan import LaunchRequest, plan_run
+from infir2_cpt.reports.curve import Curve, decay_schedule, recipe_curve, schedule_segments
+from infir2_cpt.recipe.schedule import WSDSchedule
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Could not determine rank:UserWarning", "ignore:.*not installed:UserWarning",
@@ -242,7 +242,7 @@ def make_ckpt(ckpt_dir: Path, iteration: int) -> None:
 
 @pytest.fixture
 def launch_env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.entry")
+    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
     return exp_root
 
 

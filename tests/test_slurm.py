@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt import slurm
+from infir2_cpt.launch import slurm as slurm
 
 INFIR2 = str(Path(sys.executable).with_name("infir2"))
 FAKE = Path(__file__).resolve().parent / "workers" / "fake_slurm.py"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt.launch import LaunchError, LaunchRequest, plan_run
-from infir2_cpt.recipes import RecipeError, load_recipe
-from infir2_cpt.validation import check_config, check_gpu, parse_endpoint
+from infir2_cpt.launch.plan import LaunchError, LaunchRequest, plan_run
+from infir2_cpt.recipe.load import RecipeError, load_recipe
+from infir2_cpt.recipe.validate import check_config, check_gpu, parse_endpoint
 
 NO_GPU_PROBE = {"INFIR2_ENTRY": "tests.workers.gloo_worker"}
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from infir2_cpt import wgrad_fusion
+from infir2_cpt.runtime import wgrad_fusion as wgrad_fusion
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
@@ -59,10 +59,10 @@ def test_megatron_keeps_the_fusion_and_its_linear_layer_accumulates_through_the_
     through the stand-in and returns no .grad, and adjust_megatron_argv leaves the fusion on."""
     code = """
         import os, torch, torch.distributed as dist
-        from infir2_cpt import wgrad_fusion
+        from infir2_cpt.runtime import wgrad_fusion as wgrad_fusion
         assert wgrad_fusion.install_if_enabled() and wgrad_fusion.stand_in_registered()
         assert wgrad_fusion.install_if_enabled()  # idempotent: registered once, still the stand-in
-        from infir2_cpt.wheel_workarounds import adjust_megatron_argv
+        from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv
         assert adjust_megatron_argv(["--bf16"]) == (["--bf16"], [])
         from megatron.core.tensor_parallel import layers
         assert layers._grad_accum_fusion_available
@@ -90,11 +90,11 @@ def test_megatron_keeps_the_fusion_and_its_linear_layer_accumulates_through_the_
 
 def test_without_the_switch_megatron_sees_no_apex_and_the_fusion_goes_off() -> None:
     code = """
-        from infir2_cpt import wgrad_fusion
+        from infir2_cpt.runtime import wgrad_fusion as wgrad_fusion
         assert not wgrad_fusion.install_if_enabled()
         from megatron.core.tensor_parallel import layers
         assert not layers._grad_accum_fusion_available
-        from infir2_cpt.wheel_workarounds import adjust_megatron_argv
+        from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv
         argv, notes = adjust_megatron_argv(["--bf16"])
         assert argv == ["--bf16", "--no-gradient-accumulation-fusion"] and "INFIR2_WGRAD_FUSION" in notes[0]
         print("ok")

@@ -63,7 +63,7 @@ step_resume() {  # issue 4: SIGKILL the whole process group past two saves, re-r
   local pid; pid=$(CUDA_VISIBLE_DEVICES=0 start_bg "$EV/resume-1.out" "${cmd[@]}")
   local at; at=$(wait_iter tiny-resume 215 "$pid"); log "resume: at iteration $at, SIGKILL to process group $pid"
   kill -KILL -- "-$pid"; sleep 10  # DataLoader workers notice their parent died within ~5 s
-  log "workers still alive after the kill: $(pgrep -fc 'infir2_cpt.entry' || true)"
+  log "workers still alive after the kill: $(pgrep -fc 'infir2_cpt.runtime.entry' || true)"
   ls "$INFIR2_EXP_ROOT/tiny-resume/checkpoints" | tee -a "$OUT/steps.txt"
   log "resume: same command again"
   CUDA_VISIBLE_DEVICES=0 timeout 400 "${cmd[@]}" >"$EV/resume-2.out" 2>&1; log "resume: second run exit $?"
@@ -78,7 +78,7 @@ step_decay() {  # issue 4: decay from a stable checkpoint, killed and re-run
   local pid; pid=$(CUDA_VISIBLE_DEVICES=0 start_bg "$EV/decay-1.out" "${cmd[@]}")
   local at; at=$(wait_iter tiny-resume_decay 245 "$pid"); log "decay: at iteration $at, SIGKILL to process group $pid"
   kill -KILL -- "-$pid"; sleep 10  # DataLoader workers notice their parent died within ~5 s
-  log "workers still alive after the kill: $(pgrep -fc 'infir2_cpt.entry' || true)"
+  log "workers still alive after the kill: $(pgrep -fc 'infir2_cpt.runtime.entry' || true)"
   ls "$INFIR2_EXP_ROOT/tiny-resume_decay/checkpoints" | tee -a "$OUT/steps.txt"
   log "decay: same command again"
   CUDA_VISIBLE_DEVICES=0 timeout 400 "${cmd[@]}" >"$EV/decay-2.out" 2>&1; log "decay: second run exit $?"

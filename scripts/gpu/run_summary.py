@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from infir2_cpt.runlog import read_logs, summarize
+from infir2_cpt.reports.runlog import read_logs, summarize
 
 
 def summary(exp_dir: Path) -> dict:

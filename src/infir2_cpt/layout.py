@@ -17,7 +17,7 @@ STOP_REQUEST_FILE = ".infir2.stop"  # `infir2 stop`: every node's launcher stops
 
 # What a launch tells its processes; the experiment lock (locking.py) recognizes a run's workers by them.
 EXP_DIR_ENV = "INFIR2_EXP_DIR"  # the experiment folder
-DEFAULT_ENTRY = "infir2_cpt.entry"
+DEFAULT_ENTRY = "infir2_cpt.runtime.entry"
 ENTRY_ENV = "INFIR2_ENTRY"  # advanced: run another module/script under the same launcher (tests use a gloo worker)
 
 

@@ -32,7 +32,7 @@ def _train(tmp_path: Path, exp: str, *sets: str) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize("precision", ["blockwise", "null"])
 def test_tiny_recipe_trains_and_checkpoints(tmp_path: Path, precision: str) -> None:
-    from infir2_cpt.runlog import read_logs
+    from infir2_cpt.reports.runlog import read_logs
 
     exp = f"gpu-smoke-{precision}"
     result = _train(tmp_path, exp, "--set", f"precision.fp8={precision}")

@@ -1,7 +1,7 @@
 """A stand-in for the Megatron entry that prints what Megatron's training loop prints, for `infir2 bench` on the CPU.
 
 tests/test_bench.py runs `infir2 bench` with INFIR2_ENTRY pointing here: the real bench orchestration, the real
-`infir2 train` launcher and torchrun start this script instead of infir2_cpt.entry. It reads the Megatron
+`infir2 train` launcher and torchrun start this script instead of infir2_cpt.runtime.entry. It reads the Megatron
 arguments it was given and prints, in the wheel's own formats (megatron/training/training.py training_log and
 utils/common_utils.py report_memory), one line per iteration with a step time that depends on the precision,
 the memory reports (after iterations 1 and 2, and every --log-memory-interval), the padded-vocabulary line,
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_snapshot import iteration_snapshot  # noqa: E402
-from infir2_cpt.bench import ModelShape, model_flops  # noqa: E402
+from infir2_cpt.bench.plan import ModelShape, model_flops  # noqa: E402
 
 STEP_MS = {None: 1988.0, "blockwise": 1686.0, "tensorwise": 1620.0, "delayed": 1600.0, "mxfp8": 1500.0}
 MAX_ALLOCATED_MB = {None: 69530.5, "blockwise": 67891.25, "tensorwise": 67891.25, "delayed": 68000.0, "mxfp8": 66000.0}

@@ -41,7 +41,7 @@ def init_like_megatron(megatron_argv: list[str]):
     import torch
     from megatron.core import parallel_state
 
-    from infir2_cpt.wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
+    from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
 
     argv, _ = adjust_megatron_argv(megatron_argv)
     skip_dataset_helper_compilation()
@@ -61,8 +61,8 @@ def main() -> None:
     stub_cuda()
     import torch
 
-    from infir2_cpt import conversion as cv
-    from infir2_cpt import convert_entry as ce
+    from infir2_cpt.convert import mapping as cv
+    from infir2_cpt.runtime import convert_entry as ce
 
     shape = cv.ModelShape(**spec["shape"])
     args = init_like_megatron(spec["megatron_args"])

@@ -1,6 +1,6 @@
 """A stand-in for Megatron's entry in the multi-node tests: one torchrun worker on the gloo backend.
 
-The launcher under test runs this file instead of infir2_cpt.entry (INFIR2_ENTRY=<this file>). Each
+The launcher under test runs this file instead of infir2_cpt.runtime.entry (INFIR2_ENTRY=<this file>). Each
 worker records what torchrun told it (RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK, ...), joins a gloo
 process group and all-gathers every rank's identity, so the test can check that the two "nodes" formed
 one job: ranks unique and complete, and every worker agreeing on who is who. The report of rank R goes to

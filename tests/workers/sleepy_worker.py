@@ -1,6 +1,6 @@
 """A stand-in for Megatron in the signal tests: one torchrun worker that waits to be stopped.
 
-The launcher under test runs this file instead of infir2_cpt.entry (INFIR2_ENTRY=<this file>). The worker
+The launcher under test runs this file instead of infir2_cpt.runtime.entry (INFIR2_ENTRY=<this file>). The worker
 installs a SIGTERM handler, writes $SLEEPY_OUT/ready-<rank>.json, then sleeps up to $SLEEPY_SECONDS
 (default 120). A SIGTERM makes it write $SLEEPY_OUT/signal-<rank>.json (which signal, its pid, what
 torchrun told it) and exit 0, the way Megatron's --exit-signal-handler saves and exits. A worker that

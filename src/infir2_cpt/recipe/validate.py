@@ -16,8 +16,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .layout import ExperimentPaths
-from .recipes import FP8_RECIPES, WSD_DECAY_STYLES, Problem, Recipe
+from ..layout import ExperimentPaths
+from .load import FP8_RECIPES, WSD_DECAY_STYLES, Problem, Recipe
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 FP8_BLOCK = 128

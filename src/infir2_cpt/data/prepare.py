@@ -44,7 +44,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .recipes import Problem
+from ..recipe.load import Problem
 
 # suffix -> how the file is read; .json files are read as JSON Lines, like Megatron's own preprocessing
 INPUT_SUFFIXES: dict[str, str] = {

@@ -125,7 +125,7 @@ def explain_failure(exc: BaseException, args: RendezvousArgs | None) -> str | No
 
 
 def before_torchrun(argv: list[str]) -> RendezvousArgs | None:
-    """Called by infir2_cpt.torchrun before torchrun starts: on a node that will not host the store,
+    """Called by infir2_cpt.runtime.torchrun before torchrun starts: on a node that will not host the store,
     wait for it (bounded) or exit with EXIT_RENDEZVOUS. Returns the parsed options for explain_failure."""
     args = parse_args(argv)
     if args is None or hosts_store(args):

@@ -1,6 +1,6 @@
 """`infir2 bench`: FP8 against BF16 (and any other variant) through the real launcher and training loop.
 
-Each variant is one `infir2 train` run in a child process (torchrun -> infir2_cpt.entry -> Megatron's
+Each variant is one `infir2 train` run in a child process (torchrun -> infir2_cpt.runtime.entry -> Megatron's
 pretrain), on mock data (or, with --fidelity, on a prepared dataset), one after the other, each in its own
 experiment folder exp/bench-<timestamp>/<variant>. Every figure comes from Megatron's own log lines
 (runlog.py): iteration time, Megatron's TFLOP/s/GPU, the memory report, the loss. On top of them this
@@ -34,13 +34,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import yaml
 
-from .launch import ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
-from .layout import exp_root
-from .memory_snapshot import REPORT_PHASES, snapshot_breakdown
-from .model_shape import ModelShape
-from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
-from .validation import EXP_NAME_RE
-from .runlog import RunLog, parse_log
+from ..launch.plan import ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
+from ..layout import exp_root
+from .memory import REPORT_PHASES, snapshot_breakdown
+from ..recipe.shape import ModelShape
+from ..recipe.load import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
+from ..recipe.validate import EXP_NAME_RE
+from ..reports.runlog import RunLog, parse_log
 
 QWEN25_VOCAB = 151665  # Qwen2.5's tokenizer (151643 tokens + 22 special tokens)
 DEFAULT_SPEED_STEPS = 20
@@ -654,7 +654,7 @@ def describe_plan(plan: BenchPlan) -> str:
 def gpu_check(checks: list[dict[str, Any]], timeout: float = 180.0) -> tuple[Optional[str], list[Problem]]:
     """Device name and infir2's GPU preflight (validation.check_gpu) for each (nproc, fp8), in a short child
     process, so that this process, which outlives every run, never holds a CUDA context."""
-    cmd = [sys.executable, "-m", "infir2_cpt.bench", "gpu-check", json.dumps(checks)]
+    cmd = [sys.executable, "-m", "infir2_cpt.bench.plan", "gpu-check", json.dumps(checks)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -665,7 +665,7 @@ def gpu_check(checks: list[dict[str, Any]], timeout: float = 180.0) -> tuple[Opt
 
 
 def _gpu_check_main(payload: str) -> None:
-    from .validation import check_gpu
+    from ..recipe.validate import check_gpu
 
     report: dict[str, Any] = {"name": None, "problems": []}
     try:
@@ -1411,7 +1411,7 @@ def list_variants() -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m infir2_cpt.bench gpu-check JSON` (internal) or `python -m infir2_cpt.bench breakdown TRACE...`."""
+    """`python -m infir2_cpt.bench.plan gpu-check JSON` (internal) or `python -m infir2_cpt.bench.plan breakdown TRACE...`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["gpu-check"] and len(args) == 2:
         _gpu_check_main(args[1])
@@ -1420,7 +1420,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for path in args[1:]:
             print(format_trace_breakdown(trace_breakdown(Path(path))))
         return
-    print("usage: python -m infir2_cpt.bench breakdown TRACE.json[.gz] ...", file=sys.stderr)
+    print("usage: python -m infir2_cpt.bench.plan breakdown TRACE.json[.gz] ...", file=sys.stderr)
     sys.exit(2)
 
 

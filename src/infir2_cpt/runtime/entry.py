@@ -1,7 +1,7 @@
 """The training entry point torchrun starts on every GPU: Megatron's own training loop from the
 megatron-core wheel, with infir2's forward step, loss and dataset provider (no Megatron-LM checkout).
 
-Launched as `python -m torch.distributed.run ... -m infir2_cpt.entry <megatron args>` by `infir2 train`.
+Launched as `python -m torch.distributed.run ... -m infir2_cpt.runtime.entry <megatron args>` by `infir2 train`.
 Three traps of the megatron-core 0.19.2 wheel are handled here, before Megatron sees the arguments
 (see wheel_workarounds.py): the dataset-helper `make`, gradient-accumulation fusion without APEX, and
 the refused TE cross-entropy fusion.

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints as ck
-from .layout import (DECAY_SOURCE_FILE, DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, RECIPE_FILE, SCHEDULE_FILE,
+from .. import checkpoints as ck
+from ..layout import (DECAY_SOURCE_FILE, DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, RECIPE_FILE, SCHEDULE_FILE,
                      ExperimentPaths, read_json_object)
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
-from .recipes import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
-from .torchrun import GRACE_ENV
-from .validation import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
+from ..recipe.load import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
+from ..runtime.torchrun import GRACE_ENV
+from ..recipe.validate import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
                          drop_consequences)
 
 
@@ -269,7 +269,7 @@ def entry_target(recipe: Recipe, environ: dict[str, str]) -> list[str]:
 def torchrun_command(recipe: Recipe, environ: dict[str, str]) -> list[str]:
     launch = recipe.launch
     return [
-        sys.executable, "-m", "infir2_cpt.torchrun",  # torchrun with a save-then-exit stop (torchrun.py)
+        sys.executable, "-m", "infir2_cpt.runtime.torchrun",  # torchrun with a save-then-exit stop (torchrun.py)
         f"--nnodes={launch.nnodes}",
         f"--nproc-per-node={launch.nproc_per_node}",
         "--rdzv-backend=c10d",

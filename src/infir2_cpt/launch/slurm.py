@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoints as ck
-from .launch import LaunchError, LaunchPlan, LaunchRequest, plan_run
-from .recipes import Problem, RecipeError
+from .. import checkpoints as ck
+from .plan import LaunchError, LaunchPlan, LaunchRequest, plan_run
+from ..recipe.load import Problem, RecipeError
 
 DEFAULT_PORT = 29400
 DEFAULT_SIGNAL_SECONDS = 300

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .recipes import Problem, Recipe
+from .load import Problem, Recipe
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from . import checkpoints as ck
-from .layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, exp_root, read_json_object
-from .recipes import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, resolve_recipe_path
-from .schedule import WSDSchedule
-from .validation import Findings, check_schedule
+from .. import checkpoints as ck
+from ..layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, exp_root, read_json_object
+from ..recipe.load import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, resolve_recipe_path
+from ..recipe.schedule import WSDSchedule
+from ..recipe.validate import Findings, check_schedule
 
 
 
@@ -149,7 +149,7 @@ def _stable_recipe(ref: str, sets: list[str]) -> Recipe | None:
 def recipe_curve(ref: str, sets: list[str] | None = None, decay_from: int | None = None) -> Curve:
     """The curve of `infir2 train --recipe REF` or, with decay_from K, of `infir2 decay --recipe REF --load iter_K`.
     Raises RecipeError or ReportError."""
-    from .launch import LaunchRequest, load_request_recipe  # the launcher's own reading of a recipe
+    from ..launch.plan import LaunchRequest, load_request_recipe  # the launcher's own reading of a recipe
 
     sets = list(sets or [])
     problems: list[Problem] = []

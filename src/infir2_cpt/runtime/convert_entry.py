@@ -1,6 +1,6 @@
 """The checkpoint I/O of `infir2 convert`, run by torchrun as a single process.
 
-    python -m torch.distributed.run --standalone --nproc-per-node=1 -m infir2_cpt.convert_entry MODE [options] \
+    python -m torch.distributed.run --standalone --nproc-per-node=1 -m infir2_cpt.runtime.convert_entry MODE [options] \
         [-- MEGATRON ARGS]
 
 MODE is one of:
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .conversion import (
+from ..convert.mapping import (
     CONVERSION_RECORD,
     HF_CONFIG_FILE,
     SOURCE_CONFIG_FILE,
@@ -50,7 +50,7 @@ from .conversion import (
     unstack_layers,
     write_hf_folder,
 )
-from .model_shape import ModelShape
+from ..recipe.shape import ModelShape
 
 MODES = ("hf-to-megatron", "megatron-to-hf", "check-logits")
 
@@ -69,7 +69,7 @@ def parse_entry_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         own, megatron = argv[:cut], argv[cut + 1:]
     else:
         own, megatron = argv, []
-    parser = argparse.ArgumentParser(prog="infir2_cpt.convert_entry", allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="infir2_cpt.runtime.convert_entry", allow_abbrev=False)
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("--shape", required=True, help="ModelShape as JSON")
     parser.add_argument("--hf", type=Path, help="HF folder (hf-to-megatron input, check-logits reference)")

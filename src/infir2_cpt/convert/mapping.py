@@ -40,8 +40,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .model_shape import ModelShape
-from .recipes import Problem, Recipe
+from ..recipe.shape import ModelShape
+from ..recipe.load import Problem, Recipe
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so that the CLI starts fast
 

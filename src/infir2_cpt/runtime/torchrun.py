@@ -1,4 +1,4 @@
-"""torchrun with a graceful stop: `python -m infir2_cpt.torchrun <torchrun arguments>`.
+"""torchrun with a graceful stop: `python -m infir2_cpt.runtime.torchrun <torchrun arguments>`.
 
 Plain torchrun, on SIGTERM/SIGINT, signals each worker's whole process group, SIGKILLs it 30 s later and
 exits non-zero. For a CPT run that is wrong four ways: Megatron saves a checkpoint on SIGTERM
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
         sys.exit(EXIT_RENDEZVOUS)
     finally:  # the workers are gone: give up the experiment lock the launcher took (locking.py)
-        from .locking import release_at_exit
+        from ..launch.locking import release_at_exit
 
         release_at_exit()
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints as ck
-from .conversion import (
+from .. import checkpoints as ck
+from .mapping import (
     SOURCE_CONFIG_FILE,
     ConversionError,
     check_hf_state_shapes,
@@ -32,15 +32,15 @@ from .conversion import (
     recipe_padded_vocab,
     tensor_parallel_problems,
 )
-from .launch import flag_lines, resolve_env
-from .layout import RECIPE_FILE
-from .megatron_args import model_args
-from .model_shape import ModelShape
-from .recipes import Problem, Recipe, RecipeError, load_recipe
-from .torchrun import GRACE_ENV
-from .validation import nearest_existing
+from ..launch.plan import flag_lines, resolve_env
+from ..layout import RECIPE_FILE
+from ..launch.megatron_args import model_args
+from ..recipe.shape import ModelShape
+from ..recipe.load import Problem, Recipe, RecipeError, load_recipe
+from ..runtime.torchrun import GRACE_ENV
+from ..recipe.validate import nearest_existing
 
-ENTRY_MODULE = "infir2_cpt.convert_entry"
+ENTRY_MODULE = "infir2_cpt.runtime.convert_entry"
 
 
 @dataclass
@@ -241,7 +241,7 @@ def recipe_for_checkpoint(recipe: str | None, folder: Path | None, notes: list[s
 
 def checkpoint_tensor_shapes(folder: Path, problems: list[Problem]) -> dict[str, tuple[int, ...]] | None:
     try:
-        from .convert_entry import checkpoint_tensor_shapes as read_shapes
+        from ..runtime.convert_entry import checkpoint_tensor_shapes as read_shapes
 
         return read_shapes(folder)
     except Exception as exc:
@@ -374,7 +374,7 @@ def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
                 problems.append(Problem("--vocab-size", f"must be between 1 and the checkpoint's {padded} rows", vocab))
             else:
                 shape = ModelShape.from_recipe(recipe, padded_vocab_size=padded, vocab_size=vocab)
-                from .convert_entry import checkpoint_shape_problems
+                from ..runtime.convert_entry import checkpoint_shape_problems
 
                 problems.extend(Problem("--ckpt", p) for p in checkpoint_shape_problems(found, shape))
     if problems or shape is None or recipe is None or folder is None or out is None:
@@ -406,7 +406,7 @@ def plan_check_logits(req: ConvertRequest) -> ConvertPlan:
         padded = checkpoint_padded_vocab(recipe, found, problems)
         shape = hf_shape(source, recipe, padded, 1, problems)
         if shape is not None:
-            from .convert_entry import checkpoint_shape_problems
+            from ..runtime.convert_entry import checkpoint_shape_problems
 
             problems.extend(Problem("--ckpt", p) for p in checkpoint_shape_problems(found, shape))
         if req.seq > recipe.model.max_position_embeddings:

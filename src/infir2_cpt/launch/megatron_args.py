@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layout import ExperimentPaths
-from .recipes import Recipe
+from ..layout import ExperimentPaths
+from ..recipe.load import Recipe
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def _find_recipes_dir() -> Path:
     copy a wheel installs under <prefix>/share/infir2/recipes."""
     env = os.environ.get("INFIR2_RECIPES_DIR")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "recipes", Path(sys.prefix) / "share" / "infir2" / "recipes"]
+    candidates += [Path(__file__).resolve().parents[3] / "recipes", Path(sys.prefix) / "share" / "infir2" / "recipes"]
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 

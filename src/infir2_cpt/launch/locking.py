@@ -16,7 +16,7 @@ Rules (docs/reliability.md explains them):
   here); the message says how to remove it by hand. One exception: a lock taken by an earlier run of the
   same Slurm job (same SLURM_JOB_ID, lower SLURM_RESTART_COUNT: the job was requeued, possibly onto other
   nodes), since Slurm ends every process of a job before it runs it again;
-- released by the holder itself when torchrun exits (infir2_cpt.torchrun calls release_at_exit()), so a
+- released by the holder itself when torchrun exits (infir2_cpt.runtime.torchrun calls release_at_exit()), so a
   run that ended, even by a signal, leaves no lock; only a SIGKILL or a crash of the node leaves a stale one;
 - multi-node (nnodes > 1): only the launcher on the host that owns the rendezvous endpoint's address (the
   one whose torchrun hosts the c10d store, like torch's own is_host rule) takes the lock; the other nodes
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
-from .recipes import Problem
+from ..layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
+from ..recipe.load import Problem
 
 LOCK_VERSION = 1
 # How long a reader waits for the holder to finish writing a lock it has just created (O_EXCL then write).

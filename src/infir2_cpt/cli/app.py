@@ -7,8 +7,8 @@ from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
-from . import launch as launcher
-from .recipes import Problem, RecipeError, load_recipe, recipe_to_yaml, shipped_recipe_names, load_raw
+from ..launch import plan as launcher
+from ..recipe.load import Problem, RecipeError, load_recipe, recipe_to_yaml, shipped_recipe_names, load_raw
 
 app = typer.Typer(
     name="infir2",
@@ -56,7 +56,7 @@ def _run(req: launcher.LaunchRequest) -> None:
         print(launcher.describe(plan))
         print(launcher.format_command(plan))
         return
-    from .locking import LockError
+    from ..launch.locking import LockError
     try:
         launcher.execute(plan)
     except LockError as exc:  # another launch writes this experiment
@@ -162,7 +162,7 @@ def checkpoints_cmd(
     run decay_source.json names the stable checkpoint), or from --recipe. The checkpoint a re-run would
     resume from is marked, with the reason, and the tracker file's state is shown.
     """
-    from . import reports
+    from ..reports import curve as reports
 
     try:
         text = reports.checkpoints_report(exp, recipe=recipe, sets=sets or [], decay_from=decay_from)
@@ -191,7 +191,7 @@ def schedule_cmd(
     """
     from pathlib import Path
 
-    from . import reports
+    from ..reports import curve as reports
 
     try:
         curve = reports.recipe_curve(recipe, sets or [], decay_from)
@@ -244,7 +244,7 @@ def prepare_data_cmd(
     documents are skipped. Files are written under temporary names and renamed at the end, so a failed or
     interrupted run leaves no final-named file. Progress (documents/s, tokens/s) goes to stderr.
     """
-    from . import data
+    from ..data import prepare as data
 
     try:
         result = data.prepare_data([*(inputs or []), *(more_inputs or [])], tokenizer, output_prefix,
@@ -273,7 +273,7 @@ def inspect_data_cmd(
 
     Also checks that the .bin holds exactly the tokens its .idx describes.
     """
-    from . import data
+    from ..data import prepare as data
 
     try:
         summary = data.inspect_data(prefix, tokenizer, n)
@@ -302,8 +302,8 @@ ConvertDryRunOpt = Annotated[bool, typer.Option(
 
 def _convert(planner: Callable[[Any], Any], req: Any) -> None:
     """Plan with one of convert_launch's planners, then print (--dry-run) or run the plan."""
-    from . import convert_launch
-    from .conversion import ConversionError
+    from ..convert import plan as convert_launch
+    from ..convert.mapping import ConversionError
 
     try:
         plan = planner(req)
@@ -340,7 +340,7 @@ def convert_hf_to_megatron(
     'release' (weights only, what Megatron's --pretrained-checkpoint loads), then reads it back and compares it
     bit for bit. Runs on one GPU, in BF16; then train with --set checkpoint.pretrained=OUT.
     """
-    from .convert_launch import ConvertRequest, plan_hf_to_megatron
+    from ..convert.plan import ConvertRequest, plan_hf_to_megatron
 
     _convert(plan_hf_to_megatron, ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, out=out, tp=tp,
                                                  verify=not no_verify, dry_run=dry_run))
@@ -372,7 +372,7 @@ def convert_megatron_to_hf(
     shape comes from --recipe, or from exp/<name>/recipe.yaml when CKPT is inside an experiment. Every tensor is
     checked against that shape before anything runs (exit 2). Needs no GPU.
     """
-    from .convert_launch import ConvertRequest, plan_megatron_to_hf
+    from ..convert.plan import ConvertRequest, plan_megatron_to_hf
 
     _convert(plan_megatron_to_hf, ConvertRequest(recipe=recipe, sets=sets or [], ckpt=ckpt, out=out,
                                                  tokenizer=tokenizer, hf_config=hf_config, vocab_size=vocab_size,
@@ -400,7 +400,7 @@ def convert_check_logits(
     Prints the max absolute and relative error (and mean error, top-1 agreement); exit 1 when the relative
     error exceeds --max-rel. The Megatron model runs without FP8, in --dtype, on one GPU.
     """
-    from .convert_launch import ConvertRequest, plan_check_logits
+    from ..convert.plan import ConvertRequest, plan_check_logits
 
     _convert(plan_check_logits, ConvertRequest(recipe=recipe, sets=sets or [], hf=hf, ckpt=ckpt, dtype=dtype,
                                                batch=batch, seq=seq, seed=seed, max_rel=max_rel, report=report,
@@ -481,7 +481,7 @@ def bench_cmd(
     --set applies to every variant; Megatron flags after `--` too. Exit 2: invalid request (nothing run);
     exit 1: a variant failed.
     """
-    from . import bench
+    from ..bench import plan as bench
 
     if list_variants:
         print(bench.list_variants())
@@ -498,7 +498,7 @@ def bench_cmd(
     if memory_breakdown:
         from pathlib import Path
 
-        from .memory_snapshot import format_memory_breakdown, snapshot_breakdown
+        from ..bench.memory import format_memory_breakdown, snapshot_breakdown
 
         for snapshot in memory_breakdown:
             try:
@@ -573,7 +573,7 @@ def sbatch_cmd(
     requeues itself and resumes from that checkpoint (`scancel --batch --signal=USR1 JOBID` does the same
     by hand; plain `scancel` stops for good). The recipe is validated for nodes x GPUs first, exit 2 on problems.
     """
-    from . import slurm
+    from ..launch import slurm
 
     req = slurm.SbatchRequest(
         recipe=recipe, nodes=nodes, sets=sets or [], extra_args=extra or [], partition=partition,
