@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from infir2_cpt.fp8_options import OPTIONS_ENV, RuntimeOptions, set_config_fields, wrap_in_context
+from infir2_cpt.runtime.fp8_options import OPTIONS_ENV, RuntimeOptions, set_config_fields, wrap_in_context
 
 
 def test_options_parse_and_round_trip() -> None:
@@ -68,7 +68,7 @@ def megatron_arguments():
 
 
 def _tiny_args(megatron_arguments: Any, monkeypatch: pytest.MonkeyPatch, extra: list[str]) -> argparse.Namespace:
-    from infir2_cpt.launch import LaunchRequest, plan_run
+    from infir2_cpt.launch.plan import LaunchRequest, plan_run
 
     monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -100,7 +100,7 @@ def test_fp8_output_layer_makes_megatron_choose_the_te_head_for_blockwise(exp_ro
     import megatron.core.models.gpt.gpt_model as gpt_model
     from megatron.training.argument_utils import gpt_config_from_args
 
-    from infir2_cpt.fp8_options import install_fp8_output_layer
+    from infir2_cpt.runtime.fp8_options import install_fp8_output_layer
 
     fp8_config = gpt_config_from_args(_tiny_args(megatron_arguments, monkeypatch, [])).transformer
     assert fp8_config.fp8 and fp8_config.fp8_recipe == "blockwise"

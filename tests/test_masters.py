@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infir2_cpt.masters import (FIRST_LOAD_FLAGS, MastersReport, ParamDiff, checkpoint_folder,
+from infir2_cpt.runtime.masters import (FIRST_LOAD_FLAGS, MastersReport, ParamDiff, checkpoint_folder,
                                 drop_first_load_flags_on_restart, read_model_tensors, shard_difference,
                                 unstack_checkpoint_layers)
 

@@ -1,6 +1,6 @@
 """A stand-in for Megatron's training loop in the stop-signal tests: it saves the way Megatron does.
 
-The launcher under test runs this file instead of infir2_cpt.entry (INFIR2_ENTRY=<this file>), under the
+The launcher under test runs this file instead of infir2_cpt.runtime.entry (INFIR2_ENTRY=<this file>), under the
 real torchrun on the CPU, every rank in one gloo group. What it shares with Megatron 0.19.2 (with
 --exit-signal-handler), which is what a stop must not break:
 - SIGTERM only sets a flag; after each iteration the ranks agree (all_reduce) whether any rank got it,

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .layout import EXP_DIR_ENV, read_stop_request, stop_request_path
+from ..layout import EXP_DIR_ENV, read_stop_request, stop_request_path
 
 GRACE_ENV = "INFIR2_STOP_GRACE_SECONDS"
 DEFAULT_GRACE_SECONDS = 900
