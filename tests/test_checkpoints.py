@@ -331,6 +331,32 @@ def test_pretrained_used_when_the_run_has_no_checkpoint(launch_env: Path, tmp_pa
     assert any("starting from the base model" in n for n in plan.notes)
 
 
+MASTERS_FLAGS = ["--no-load-optim", "--load-main-params-from-ckpt", "--no-stream-ckpt-dequant"]
+
+
+@pytest.mark.parametrize("sets, wanted", [
+    ([], True),  # FP8 parameters (tiny is FP8 blockwise with fp8_param_gather)
+    (["checkpoint.masters_from_pretrained=false"], False),  # Megatron's default: masters from the FP8 params
+    (["precision.fp8=null"], False),  # BF16: the parameters are the masters
+    (["precision.fp8_param_gather=false"], False),  # BF16 parameters: masters cloned from them, exact
+])
+def test_masters_from_the_base_model_only_on_the_first_launch_with_fp8_parameters(
+        launch_env: Path, tmp_path: Path, sets: list[str], wanted: bool) -> None:
+    base = tmp_path / "qwen_base"
+    make_ckpt(base, "release")
+    set_tracker(base, "release")
+    plan = plan_tiny(f"checkpoint.pretrained={base}", *sets)
+    args = plan.megatron_args
+    assert all((flag in args) == wanted for flag in MASTERS_FLAGS), args
+    assert plan.load.masters_from_checkpoint == wanted
+    assert any("master weights" in n for n in plan.notes) == (not sets or "masters_from_pretrained" in sets[0])
+    # and never once the run has a checkpoint of its own: the masters then come from its optimizer state
+    make_ckpt(launch_env / "tiny" / "checkpoints", 100)
+    set_tracker(launch_env / "tiny" / "checkpoints", "100")
+    resumed = plan_tiny(f"checkpoint.pretrained={base}", *sets).megatron_args
+    assert not any(flag in resumed for flag in MASTERS_FLAGS)
+
+
 def test_pretrained_used_when_the_run_has_only_partial_checkpoints(launch_env: Path, tmp_path: Path) -> None:
     base = tmp_path / "qwen_base"
     make_ckpt(base, "release")

@@ -185,3 +185,24 @@ def test_resume_plan_passes_megatron_validate_args(exp_root, megatron_parse):
     assert args.load == str(exp_root / "tiny" / "checkpoints")
     assert args.exit_on_missing_checkpoint
     assert not args.no_load_optim and not args.override_opt_param_scheduler
+
+
+ALL_OPTIONS = ["precision.fp8_output_layer=true", "precision.fp8_attention=true", "precision.fp8_activation_store=true",
+               "precision.fp8_proj_bf16_input=true", "precision.adam_moments=bf16", "model.fused_qkv_rope=true",
+               "logging.nan_check=step", "parallel.cuda_graph=transformer_engine", "parallel.cuda_graph_modules=[mlp]"]
+
+
+@pytest.mark.parametrize("name", ["7b", "tiny"])
+def test_every_fp8_and_memory_option_passes_megatron_validate_args(name, exp_root, megatron_parse, monkeypatch,
+                                                                   tmp_path):
+    """The options together, and the first launch from a base model (the masters flags)."""
+    base = tmp_path / "base"
+    _fake_complete_checkpoint(base, 100)
+    plan = plan_run(LaunchRequest(recipe=name, dry_run=True, sets=[*ALL_OPTIONS, f"checkpoint.pretrained={base}"]))
+    for key, value in plan.env.items():  # Megatron reads NCCL_GRAPH_REGISTER from the environment
+        monkeypatch.setenv(key, value)
+    args = megatron_parse(plan.megatron_args, _world(plan))
+    assert args.load_main_params_from_ckpt and args.no_load_optim and not args.stream_ckpt_dequant
+    assert args.cuda_graph_impl == "transformer_engine" and args.use_te_activation_func
+    assert not args.bias_swiglu_fusion
+    assert str(args.exp_avg_dtype).endswith("bfloat16") and str(args.exp_avg_sq_dtype).endswith("bfloat16")

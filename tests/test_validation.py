@@ -400,3 +400,56 @@ def test_a_hostname_or_routable_address_is_not_loopback(exp_root):
         plan = plan_run(LaunchRequest(recipe="7b", nnodes=2, rdzv_endpoint=f"{host}:29400", dry_run=True),
                         environ=NO_GPU_PROBE)  # no configuration problem at all: the plan is made
         assert plan.recipe.launch.rdzv_endpoint == f"{host}:29400"
+
+
+# --------------------------------------------------------------------------- what runs in FP8 beyond Megatron's flags
+
+
+def test_fp8_only_options_need_fp8(exp_root):
+    problems = config_problems("tiny", "precision.fp8=null", "precision.fp8_output_layer=true",
+                               "precision.fp8_attention=true", "precision.fp8_activation_store=true",
+                               "precision.fp8_proj_bf16_input=true")
+    for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_proj_bf16_input"):
+        assert "needs FP8 (precision.fp8 is null)" in one(problems, f"precision.{key}:")
+
+
+def test_fp8_output_layer_needs_untied_embeddings(exp_root):
+    problem = one(config_problems("1.5b", "precision.fp8_output_layer=true"), "precision.fp8_output_layer")
+    assert "untie_embeddings" in problem
+
+
+def test_fp8_attention_needs_head_dim_128_and_attention_outside_cuda_graphs(exp_root):
+    problems = config_problems("tiny", "precision.fp8_attention=true", "model.num_attention_heads=16",
+                               "model.num_query_groups=4", "parallel.cuda_graph=transformer_engine")
+    assert "head dim 128 only; this model's is 64" in one(problems, "precision.fp8_attention:")
+    assert "use [mlp]" in one(problems, "parallel.cuda_graph_modules")
+
+
+def test_bad_values_of_the_new_keys_name_what_is_valid(exp_root):
+    problems = config_problems("tiny", "precision.adam_moments=fp16", "logging.nan_check=never",
+                               "parallel.cuda_graph=full", "parallel.cuda_graph_modules=[layer]")
+    assert "must be fp32 or bf16" in one(problems, "precision.adam_moments")
+    assert "must be micro_batch or step" in one(problems, "logging.nan_check")
+    assert "must be null, transformer_engine or local" in one(problems, "parallel.cuda_graph:")
+    assert "must be attn or mlp" in one(problems, "parallel.cuda_graph_modules")
+
+
+def test_bf16_adam_moments_need_the_precision_aware_optimizer(exp_root):
+    problem = one(config_problems("tiny", "precision.adam_moments=bf16", "precision.precision_aware_optimizer=false"),
+                  "precision.adam_moments")
+    assert "precision_aware_optimizer" in problem
+
+
+def test_runtime_options_reach_the_workers_environment(exp_root):
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[
+        "precision.fp8_output_layer=true", "precision.fp8_attention=true", "model.fused_qkv_rope=true",
+        "logging.nan_check=step", "parallel.cuda_graph=transformer_engine", "parallel.cuda_graph_modules=[mlp]"]),
+        environ=NO_GPU_PROBE)
+    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_output_layer,fp8_attention,fused_qkv_rope,nan_check_per_step"
+    assert plan.env["NCCL_GRAPH_REGISTER"] == "0"  # what Megatron asks for beside expandable segments
+    user = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["parallel.cuda_graph=transformer_engine"]),
+                    environ={**NO_GPU_PROBE, "NCCL_GRAPH_REGISTER": "0"})
+    assert "NCCL_GRAPH_REGISTER" not in user.env  # the user's own value wins (and is reported)
+    assert ("NCCL_GRAPH_REGISTER", "0", "user (recipe: 0)") in user.env_report
+    plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), environ=NO_GPU_PROBE)
+    assert "INFIR2_RUNTIME_OPTIONS" not in plain.env

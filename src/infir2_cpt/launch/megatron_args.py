@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layout import ExperimentPaths
+from ..runtime.fp8_options import OPTIONS_ENV, RuntimeOptions
 from ..recipe.load import Recipe
 
 
@@ -25,6 +26,13 @@ class LoadPlan:
     override_scheduler: bool = False
     train_iters: int | None = None  # decay runs: the loaded iteration + decay iterations
     warmup_iters: int | None = None
+    masters_from_checkpoint: bool = False  # first launch from a base model with FP8 parameters
+
+
+# Megatron's copy of the FP32 masters from the loaded BF16 weights. It needs --no-load-optim (there is no
+# optimizer state in a base model), and the loaded weights must not be streamed into the FP8 parameters,
+# or the copy reads them back quantized.
+MASTERS_FROM_CHECKPOINT_FLAGS = ["--no-load-optim", "--load-main-params-from-ckpt", "--no-stream-ckpt-dequant"]
 
 
 ArgGroup = tuple[str, list[str]]
@@ -73,6 +81,10 @@ def parallel_args(recipe: Recipe) -> list[str]:
     args += _flag(par.overlap_param_gather, "--overlap-param-gather")
     if par.cross_entropy_fusion:
         args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", par.cross_entropy_fusion]
+    if par.cuda_graph:
+        args += ["--cuda-graph-impl", par.cuda_graph]
+        if par.cuda_graph_modules:
+            args += ["--cuda-graph-modules", *par.cuda_graph_modules]
     return args
 
 
@@ -141,7 +153,11 @@ def precision_args(recipe: Recipe) -> list[str]:
         args += ["--fp8-format", p.fp8_format, "--fp8-recipe", p.fp8]
         args += _flag(p.fp8_param_gather, "--fp8-param-gather")
         args += _flag(p.first_last_layers_bf16, "--first-last-layers-bf16")
+        # The SwiGLU input is stored by Transformer Engine's SwiGLU (a scaled FP8 copy), not Megatron's fused one
+        args += ["--use-te-activation-func", "--no-bias-swiglu-fusion"] if p.fp8_activation_store else []
     args += _flag(p.precision_aware_optimizer, "--use-precision-aware-optimizer")
+    if p.adam_moments != "fp32":
+        args += ["--exp-avg-dtype", p.adam_moments, "--exp-avg-sq-dtype", p.adam_moments]
     return args
 
 
@@ -154,6 +170,8 @@ def checkpoint_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan) -> l
         args += ["--ckpt-step", str(plan.ckpt_step)]
     if plan.pretrained is not None:
         args += ["--pretrained-checkpoint", str(plan.pretrained)]
+    if plan.masters_from_checkpoint:
+        args += MASTERS_FROM_CHECKPOINT_FLAGS
     args += _flag(plan.expect_checkpoint, "--exit-on-missing-checkpoint")
     if c.async_save:
         args += ["--async-save", "--use-persistent-ckpt-worker"]
@@ -183,6 +201,32 @@ def logging_args(recipe: Recipe, paths: ExperimentPaths) -> list[str]:
         args += ["--profile", "--use-pytorch-profiler", "--record-memory-history",
                  "--profile-step-start", str(lg.profile_step_start), "--profile-step-end", str(lg.profile_step_end)]
     return args
+
+
+def runtime_options(recipe: Recipe) -> RuntimeOptions:
+    """What the training entry installs beyond Megatron's flags (runtime/fp8_options.py), from the recipe."""
+    p, fp8 = recipe.precision, recipe.precision.fp8 is not None
+    return RuntimeOptions(
+        fp8_output_layer=fp8 and p.fp8_output_layer,
+        fp8_attention=fp8 and p.fp8_attention,
+        fp8_activation_store=fp8 and p.fp8_activation_store,
+        fp8_proj_original_input=fp8 and p.fp8_proj_bf16_input,
+        fused_qkv_rope=recipe.model.fused_qkv_rope,
+        nan_check_per_step=recipe.logging.nan_check == "step",
+    )
+
+
+def runtime_env(recipe: Recipe) -> dict[str, str]:
+    """The environment the recipe's runtime options and CUDA graphs need (before the user's own values)."""
+    env = {}
+    options = runtime_options(recipe).env_value()
+    if options:
+        env[OPTIONS_ENV] = options
+    if recipe.parallel.cuda_graph == "transformer_engine":
+        # Megatron asserts it beside expandable segments (the recipes' allocator): NCCL must not register
+        # graph-captured buffers that the allocator may remap
+        env["NCCL_GRAPH_REGISTER"] = "0"
+    return env
 
 
 def build_arg_groups(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan,

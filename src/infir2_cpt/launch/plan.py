@@ -24,7 +24,8 @@ from typing import Any
 from .. import checkpoints as ck
 from ..layout import (DECAY_SOURCE_FILE, DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, RECIPE_FILE, SCHEDULE_FILE,
                      ExperimentPaths, read_json_object)
-from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
+from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
+from ..runtime.fp8_options import OPTIONS_ENV
 from ..recipe.load import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from ..runtime.torchrun import GRACE_ENV
 from ..recipe.validate import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
@@ -167,11 +168,16 @@ def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: 
         notes.append(f"{point.reason}")
     if recipe.checkpoint.pretrained:
         notes.append(f"no checkpoint of this run yet: starting from the base model {recipe.checkpoint.pretrained}")
-        if recipe.precision.fp8 and recipe.precision.fp8_param_gather:
-            notes.append("precision.fp8_param_gather: Megatron builds the FP32 master weights from the FP8 "
-                         "parameters, i.e. the base model's weights once quantized (not from the BF16 checkpoint)")
+        fp8_params = bool(recipe.precision.fp8 and recipe.precision.fp8_param_gather)
+        masters = fp8_params and recipe.checkpoint.masters_from_pretrained
+        if masters:
+            notes.append("FP8 parameters: the optimizer's FP32 master weights are copied from the base model's "
+                         "BF16 weights (the FP8 parameters are their quantized copy)")
+        elif fp8_params:
+            notes.append("checkpoint.masters_from_pretrained is false: Megatron builds the FP32 master weights "
+                         "from the FP8 parameters, i.e. the base model's weights rounded to FP8")
         return LoadPlan(load_dir=paths.checkpoints, pretrained=Path(recipe.checkpoint.pretrained),
-                        expect_checkpoint=True), repair
+                        expect_checkpoint=True, masters_from_checkpoint=masters), repair
     notes.append("no checkpoint of this run yet and checkpoint.pretrained is not set: starting from random "
                  "initialization")
     return LoadPlan(load_dir=paths.checkpoints), repair
@@ -250,6 +256,13 @@ def resolve_env(recipe: Recipe, base: dict[str, str]) -> tuple[dict[str, str], l
             report.append((name, value, "recipe"))
     env[GRACE_ENV] = str(recipe.launch.stop_grace_seconds)
     report.append((GRACE_ENV, env[GRACE_ENV], "launch.stop_grace_seconds"))
+    for name, value in runtime_env(recipe).items():
+        if name in base:
+            report.append((name, base[name], f"user (recipe: {value})"))
+        else:
+            env[name] = value
+            report.append((name, value, "precision/model/parallel/logging keys" if name == OPTIONS_ENV
+                           else "parallel.cuda_graph"))
     if recipe.megatron.code_dir:
         pythonpath = os.pathsep.join(p for p in (base.get("PYTHONPATH", ""), recipe.megatron.code_dir) if p)
         env["PYTHONPATH"] = pythonpath

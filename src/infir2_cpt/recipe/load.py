@@ -62,6 +62,7 @@ class ModelConfig:
         "Embedding rows. Set it to the converted checkpoint's embedding size so shapes match; "
         "null lets Megatron pad to a multiple of 128*TP.", default=None)
     attention_backend: str = doc("Megatron --attention-backend: auto, fused, flash, unfused, local.", default="auto")
+    fused_qkv_rope: bool = doc("Apply RoPE to the fused QKV output in one kernel (Transformer Engine).", default=False)
 
 
 @dataclass
@@ -78,6 +79,12 @@ class ParallelConfig:
     distributed_timeout_minutes: int = doc("Collective timeout.", default=120)
     cross_entropy_fusion: Optional[str] = doc(
         "Fused cross-entropy: null (off) or 'native' ('te' is refused by megatron-core 0.19.2).", default=None)
+    cuda_graph: Optional[str] = doc(
+        "CUDA graphs: null (off), 'transformer_engine' (one graph per layer and micro-batch) or 'local'. "
+        "Removes kernel-launch overhead where the step is host-bound (small models).", default=None)
+    cuda_graph_modules: list[str] = doc(
+        "With cuda_graph: the parts of a layer to capture (attn, mlp); empty captures whole layers.",
+        default_factory=list)
 
 
 @dataclass
@@ -125,6 +132,21 @@ class PrecisionConfig:
     fp8_param_gather: bool = doc("Keep parameters in FP8 and all-gather them in FP8.", default=True)
     precision_aware_optimizer: bool = doc("Transformer Engine's precision-aware fused Adam.", default=True)
     first_last_layers_bf16: bool = doc("Keep the first and last transformer layers in BF16.", default=False)
+    fp8_output_layer: bool = doc(
+        "Run the LM head's GEMMs (logits and both gradients) in FP8 with the run's recipe; its weight stays "
+        "BF16 with an FP32 master. Untied embeddings only.", default=False)
+    fp8_attention: bool = doc(
+        "Run core attention in FP8 (cuDNN fused attention, delayed scaling: E4M3 forward, E5M2 backward) inside "
+        "the FP8 layers. Hopper or newer, head dim 128, sequence length a multiple of 128.", default=False)
+    fp8_activation_store: bool = doc(
+        "Keep the SwiGLU input (the widest activation) in FP8 for backward, quantized by Transformer Engine's "
+        "SwiGLU with a per-tensor scale: saves memory, costs a little time.", default=False)
+    fp8_proj_bf16_input: bool = doc(
+        "The attention output projection keeps its BF16 input for backward (attention keeps it anyway) instead "
+        "of an extra FP8 copy: saves memory.", default=False)
+    adam_moments: str = doc(
+        "Dtype of Adam's two moments: fp32, or bf16 (as DeepSeek-V3 trains; 4 bytes per parameter less, needs "
+        "precision_aware_optimizer). Applies in both precisions.", default="fp32")
 
 
 @dataclass
@@ -138,6 +160,10 @@ class CheckpointConfig:
         "run's own checkpoint directory holds none.", default=None)
     load_rng: bool = doc("Restore RNG state on resume (the seed does not).", default=False)
     async_save: bool = doc("Write checkpoints in the background.", default=False)
+    masters_from_pretrained: bool = doc(
+        "First launch from `pretrained` with FP8 parameters: copy the optimizer's FP32 master weights from the "
+        "checkpoint's BF16 weights (false: Megatron's default, rebuilt from the quantized FP8 parameters, i.e. "
+        "the base model rounded to FP8).", default=True)
 
 
 @dataclass
@@ -152,6 +178,9 @@ class LoggingConfig:
     profile: bool = doc("PyTorch profiler + CUDA memory history (slow; the seed left it on).", default=False)
     profile_step_start: int = doc("First profiled step.", default=10)
     profile_step_end: int = doc("Last profiled step.", default=12)
+    nan_check: str = doc(
+        "Where NaN/Inf stop the run: 'micro_batch' (the loss of every micro-batch: one device sync each) or "
+        "'step' (the reduced gradients, once per step).", default="micro_batch")
 
 
 @dataclass

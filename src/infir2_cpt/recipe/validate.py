@@ -101,6 +101,13 @@ def check_parallel(recipe: Recipe, out: Findings) -> None:
         out.add("parallel.overlap_param_gather", "needs distributed_optimizer and overlap_grad_reduce", True)
     if cp > 1 and m.seq_length % (2 * cp):
         out.add("model.seq_length", f"must be divisible by 2 x context_parallel = {2 * cp}", m.seq_length)
+    if par.cuda_graph not in (None, "transformer_engine", "local"):
+        out.add("parallel.cuda_graph", "must be null, transformer_engine or local", par.cuda_graph)
+    bad_modules = [x for x in par.cuda_graph_modules if x not in ("attn", "mlp")]
+    if bad_modules:
+        out.add("parallel.cuda_graph_modules", "entries must be attn or mlp", par.cuda_graph_modules)
+    elif par.cuda_graph_modules and not par.cuda_graph:
+        out.add("parallel.cuda_graph_modules", "has no effect without parallel.cuda_graph", par.cuda_graph_modules)
     if par.cross_entropy_fusion not in (None, "native"):
         out.add("parallel.cross_entropy_fusion",
                 "must be null or 'native' (megatron-core 0.19.2 refuses 'te' as unstable)", par.cross_entropy_fusion)
@@ -145,6 +152,33 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
         out.add("precision.fp8_param_gather", "needs parallel.distributed_optimizer: true", True)
     if p.fp8 == "delayed" and p.first_last_layers_bf16:
         out.add("precision.first_last_layers_bf16", "is not supported with the delayed FP8 recipe", True)
+    fp8_only = {"precision.fp8_output_layer": p.fp8_output_layer, "precision.fp8_attention": p.fp8_attention,
+                "precision.fp8_activation_store": p.fp8_activation_store,
+                "precision.fp8_proj_bf16_input": p.fp8_proj_bf16_input}
+    for key, on in fp8_only.items():
+        if on and p.fp8 is None:
+            out.add(key, "needs FP8 (precision.fp8 is null): set precision.fp8 or turn this off", True)
+    if p.fp8_output_layer and not m.untie_embeddings:
+        out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
+                "share the input embedding's weight)", True)
+    if p.fp8 and p.fp8_attention:
+        head_dim = m.hidden_size / max(m.num_attention_heads, 1)
+        if head_dim != 128:
+            out.add("precision.fp8_attention", f"cuDNN's FP8 attention trains with head dim 128 only; this model's is "
+                    f"{head_dim:g} (hidden_size / num_attention_heads)", True)
+        if m.seq_length % 128:
+            out.add("model.seq_length", "FP8 attention needs a multiple of 128", m.seq_length)
+        if recipe.parallel.context_parallel > 1:
+            out.add("precision.fp8_attention", "is not supported with context_parallel > 1", True)
+        if recipe.parallel.cuda_graph and "attn" in (recipe.parallel.cuda_graph_modules or ["attn"]):
+            out.add("parallel.cuda_graph_modules", "with precision.fp8_attention, attention must stay out of the "
+                    "CUDA graphs (a replayed graph never updates its FP8 scales): use [mlp]",
+                    recipe.parallel.cuda_graph_modules)
+    if p.adam_moments not in ("fp32", "bf16"):
+        out.add("precision.adam_moments", "must be fp32 or bf16", p.adam_moments)
+    elif p.adam_moments != "fp32" and not (p.precision_aware_optimizer and recipe.parallel.distributed_optimizer):
+        out.add("precision.adam_moments", "bf16 moments need precision.precision_aware_optimizer and "
+                "parallel.distributed_optimizer", p.adam_moments)
     if p.fp8 == "blockwise":
         kv = m.hidden_size // max(m.num_attention_heads, 1)
         shapes = {
@@ -192,6 +226,8 @@ def check_logging_and_checkpoint(recipe: Recipe, out: Findings) -> None:
     if c.format != "torch_dist":
         out.add("checkpoint.format", "must be torch_dist (resume detection checks torch_dist completeness)",
                 c.format)
+    if lg.nan_check not in ("micro_batch", "step"):
+        out.add("logging.nan_check", "must be micro_batch or step", lg.nan_check)
     if lg.profile and lg.profile_step_end <= lg.profile_step_start:
         out.add("logging.profile_step_end", f"must be > profile_step_start={lg.profile_step_start}",
                 lg.profile_step_end)
