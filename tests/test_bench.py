@@ -259,13 +259,15 @@ def test_existing_experiment_folder_is_refused_for_a_real_run(exp_root):
 
 
 CANDIDATES = REPO / "scripts" / "gpu" / "bench_candidates.yaml"
+UNTIED_ONLY = {"fp8-lmhead", "fp8-speed", "fp8-all", "fp8-all-moments"}  # the FP8 LM head: 7B only
 
 
 @pytest.mark.parametrize("recipe,seq", [("7b", 8192), ("1.5b", 8192)])
 def test_candidate_variants_pass_megatron_validation(recipe, seq, exp_root, megatron_parse):
     """Every candidate the lead will time on the GPU (docs/benchmarks.md) is a valid run: none wastes GPU time
     on a parse error."""
-    names = [v.name for v in bench.load_variants_file(CANDIDATES, bench.BUILTIN_VARIANTS)]
+    names = [v.name for v in bench.load_variants_file(CANDIDATES, bench.BUILTIN_VARIANTS)
+             if not (recipe == "1.5b" and v.name in UNTIED_ONLY)]
     plan = _plan(exp_root, recipe=recipe, layers=8 if recipe == "7b" else None, seq=seq,
                  variants_file=str(CANDIDATES), variants=["bf16", "fp8-blockwise", *names])
     assert len(plan.variants) == len(names) + 2
