@@ -213,16 +213,21 @@ def test_what_a_worker_leaves_in_its_process_group_is_ended_after_it_exits(tmp_p
 def test_a_stop_request_file_stops_like_sigterm_and_an_older_one_is_ignored(tmp_path: Path) -> None:
     exp = tmp_path / "exp" / EXP
     exp.mkdir(parents=True)
-    write_stop_request(exp, "an earlier run")  # left over from before this launch: ignored
+    stale = write_stop_request(exp, "an earlier run")  # left over from an earlier run: ignored
+    stale.write_text(json.dumps({"time": time.time() - 120, "origin": "an earlier run"}))
     run = Run(tmp_path, "request", nproc=1)
     try:
         run.wait_for("save-end", 20)
         run.wait_for("iteration", 22)
-        write_stop_request(exp, "the test")
+        stop_cmd = subprocess.run([sys.executable, "-m", "infir2_cpt.cli", "stop", EXP], capture_output=True, text=True,
+                                  env={**os.environ, "INFIR2_EXP_ROOT": str(tmp_path / "exp")}, timeout=60)
+        assert stop_cmd.returncode == 0, stop_cmd.stderr
+        assert "locked by a running launch" in stop_cmd.stdout
         assert run.wait() == 0, run.text()
     finally:
         run.kill()
     stop = run.wait_for("stop")["iteration"]
     assert stop > 22
     run.assert_complete(stop, 1)
-    assert "stop requested" in run.text() and "by the test" in run.text()
+    assert "stop requested" in run.text() and "by infir2 stop on" in run.text()
+    assert "an earlier run" not in run.text()

@@ -15,9 +15,10 @@ name it is called by picks the role) and puts bin/ first on PATH. Every call app
   to every node's process (as srun forwards signals to its tasks); exits with the highest status.
 - infir2 ...: a compute node's launcher. $FAKE_TRAIN says how the "training" goes:
   complete (node 0 writes the checkpoint tracker = $FAKE_TRAIN_ITERS), until-term (waits for
-  SIGTERM, then node 0 saves iteration $FAKE_SAVE_ITER), early-exit (node 0 saves $FAKE_SAVE_ITER and
+  SIGTERM or a stop request file, then node 0 saves iteration $FAKE_SAVE_ITER), early-exit (node 0 saves $FAKE_SAVE_ITER and
   exits 0, as launch.exit_duration_minutes does), fail (exit 3). With FAKE_DRY_RUN=1 node 0 also runs
-  the real `infir2 train --dry-run` with the same arguments ($FAKE_REAL_INFIR2).
+  the real `infir2 train --dry-run` with the same arguments ($FAKE_REAL_INFIR2). `infir2 stop ...` (the batch
+  shell's stop) runs the real command.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def save(iteration: int) -> None:
 
 
 def infir2() -> int:
+    if sys.argv[1:2] == ["stop"]:
+        return infir2_stop()
     node = os.environ.get("SLURMD_NODENAME", "?")
     first = os.environ.get("SLURM_NODEID") == "0"
     print(f"fake infir2 on {node}: {' '.join(sys.argv[1:])}", flush=True)
@@ -143,21 +146,32 @@ def infir2() -> int:
         if first:
             save(int(os.environ["FAKE_SAVE_ITER"]))
         return 0
-    # until-term: train until SIGTERM, then save and exit 0 (the launcher's clean stop)
+    # until-term: train until SIGTERM or a stop request written after the start (what the real launcher's
+    # watcher acts on), then save and exit 0 (the launcher's clean stop)
     stop = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
+    request = Path(os.environ["INFIR2_EXP_ROOT"]) / os.environ["FAKE_EXP"] / ".infir2.stop"
+    started = time.time()
+    requested = lambda: request.exists() and json.loads(request.read_text())["time"] >= started  # noqa: E731
     (LOG_DIR / f"ready-{node}").write_text("1")
     deadline = time.monotonic() + 60
-    while not stop and time.monotonic() < deadline:
+    while not stop and not requested() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.2)  # a second SIGTERM, if one came, lands here and is counted
-    record("infir2-stop", node=node, signals=len(stop))
-    if not stop:
+    time.sleep(0.2)  # a SIGTERM on top of a request, or a second one, lands here and is counted
+    record("infir2-stop", node=node, signals=len(stop), requests=int(requested()))
+    if not stop and not requested():
         return 9
     if first:
         save(int(os.environ["FAKE_SAVE_ITER"]))
-    print(f"fake infir2 on {node}: saved and stopped on SIGTERM", flush=True)
+    how = "a stop request" if requested() else "SIGTERM"
+    print(f"fake infir2 on {node}: saved and stopped on {how}", flush=True)
     return 0
+
+
+def infir2_stop() -> int:
+    """`infir2 stop EXP` from the batch shell: the real command writes the request."""
+    record("infir2-stop-request")
+    return subprocess.run([os.environ["FAKE_REAL_INFIR2"], *sys.argv[1:]]).returncode
 
 
 if __name__ == "__main__":

@@ -173,6 +173,36 @@ def checkpoints_cmd(
     print(text)
 
 
+@app.command("stop")
+def stop_cmd(
+    exp: Annotated[str, typer.Argument(
+        help="Experiment name (a folder of exp/, or of $INFIR2_EXP_ROOT), or the path of an experiment folder.")],
+) -> None:
+    """Ask a running launch to save a checkpoint and stop, on every node, as SIGTERM to each launcher would.
+
+    Writes exp/<EXP>/.infir2.stop. Every node's launcher looks for it every 2 s, sends SIGTERM to its
+    workers (only to them: their checkpoint writers must live on), waits for the checkpoint of the
+    current iteration (at most launch.stop_grace_seconds) and exits 0. Run the training command again to
+    resume. Works from any host that sees the experiment folder; a request older than a launch is ignored
+    by it.
+    """
+    import os
+    import socket
+
+    from ..launch.locking import lock_status
+    from ..layout import write_stop_request
+    from ..reports.curve import ReportError, resolve_experiment
+
+    try:
+        paths = resolve_experiment(exp)
+    except ReportError as exc:
+        fail(exc.problems, "infir2: cannot stop")
+    path = write_stop_request(paths.root, f"infir2 stop on {socket.gethostname()} (pid {os.getpid()})")
+    print(f"stop requested: {path}")
+    print(lock_status(paths) or "no lock in the experiment folder: no launch of it is running on the rendezvous "
+          "host (the request stays until the next launch, which ignores it)")
+
+
 @app.command("schedule")
 def schedule_cmd(
     recipe: RecipeOpt,

@@ -12,11 +12,13 @@ What the script does, in order:
    `--nnodes $SLURM_NNODES --nproc-per-node G --rdzv-endpoint $HEAD:29400`; each node's console goes to
    exp/<name>/logs/slurm-<jobid>-<node>.log (appended across requeues).
 4. On SIGUSR1 (the time-limit warning; also `scancel --batch --signal=USR1 <jobid>` to stop and requeue
-   by hand, or a preemption where SlurmctldParameters=preempt_send_user_signal) the batch shell sends
-   SIGTERM to the srun step once; srun forwards it to the launcher on every node, whose workers save a
-   checkpoint and exit (Megatron --exit-signal-handler, given launch.stop_grace_seconds). Then
-   `scontrol requeue $SLURM_JOB_ID`: the same script runs again and `infir2 train` resumes from the last
-   complete checkpoint.
+   by hand, or a preemption where SlurmctldParameters=preempt_send_user_signal) the batch shell runs
+   `infir2 stop` once: a stop request in the experiment folder, which the launcher on every node sees
+   within seconds; each sends SIGTERM to its own workers only, and they save a checkpoint and exit
+   (Megatron --exit-signal-handler, given launch.stop_grace_seconds). Not a signal through srun: Slurm
+   delivers that to every process of the step, the workers' checkpoint writers too, and the save would
+   fail. Then `scontrol requeue $SLURM_JOB_ID`: the same script runs again and `infir2 train` resumes from
+   the last complete checkpoint (a request left from the earlier attempt is removed before srun).
 5. A step that exits 0 before schedule.train_iters after making progress (launch.exit_duration_minutes)
    is requeued the same way. SIGTERM to the batch shell (scancel, preemption, the time limit itself) is not
    forwarded a second time: Slurm signals the step's processes itself. Such a job is requeued only by
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoints as ck
+from ..layout import stop_request_path
 from .plan import LaunchError, LaunchPlan, LaunchRequest, plan_run
 from ..recipe.load import Problem, RecipeError
 
@@ -249,6 +252,7 @@ EXP_ROOT=@EXP_ROOT@
 EXP_DIR=@EXP_DIR@
 LOGS=@LOGS@
 TRACKER=@TRACKER@
+STOP_REQUEST=@STOP_REQUEST@
 TRAIN_ITERS=@TRAIN_ITERS@
 PORT=@PORT@
 INFIR2=${INFIR2_BIN:-@INFIR2@}
@@ -280,15 +284,16 @@ START_ITER=$(latest_iteration)
 log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) $SLURM_JOB_NODELIST;" \
     "rendezvous $HEAD:$PORT id $RDZV_ID; checkpoint iteration $START_ITER of $TRAIN_ITERS"
 
-# ---- stopping: SIGUSR1 (time-limit warning, or by hand) -> one SIGTERM to the step -> save, exit, requeue
+# ---- stopping: SIGUSR1 (time-limit warning, or by hand) -> a stop request -> save, exit, requeue
+# Not a signal through srun: Slurm would deliver it to every process of the step, the workers' checkpoint
+# writers included, and the save it asks for would fail. Every node's launcher watches the request file
+# and sends SIGTERM to its workers alone.
 STOP=""
 INTERRUPTED=0
 SRUN_PID=""
 forward_stop() {
-    if [ -n "$SRUN_PID" ] && kill -0 "$SRUN_PID" 2>/dev/null; then
-        log "sending SIGTERM to the training step (srun pid $SRUN_PID): every node saves a checkpoint and exits"
-        kill -TERM "$SRUN_PID" 2>/dev/null || true
-    fi
+    log "asking every node's launcher to save a checkpoint and stop (infir2 stop $EXP_DIR)"
+    "$INFIR2" stop "$EXP_DIR" || log "infir2 stop failed: the step runs on until the time limit"
 }
 on_usr1() {
     INTERRUPTED=1
@@ -310,6 +315,7 @@ trap on_usr1 USR1
 trap on_term TERM
 
 # ---- the training step: one infir2 launcher per node
+rm -f "$STOP_REQUEST"  # a request left over from an earlier attempt must not stop this one
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none \
     --output="$LOGS/slurm-%j-%N.log" --open-mode=append \
     "$INFIR2" @TRAIN_ARGS@ &
@@ -374,6 +380,7 @@ def render(req: SbatchRequest) -> BatchScript:
         "@EXP_DIR@": shlex.quote(str(paths.root)),
         "@LOGS@": shlex.quote(str(paths.logs)),
         "@TRACKER@": shlex.quote(str(paths.checkpoints / ck.TRACKER)),
+        "@STOP_REQUEST@": shlex.quote(str(stop_request_path(paths.root))),
         "@TRAIN_ITERS@": str(int(plan.schedule_record.get("train_iters", plan.recipe.schedule.train_iters))),
         "@PORT@": str(req.port),
         "@INFIR2@": shlex.quote(_infir2_executable()),

@@ -41,6 +41,7 @@ GRACE_ENV = "INFIR2_STOP_GRACE_SECONDS"
 DEFAULT_GRACE_SECONDS = 900
 SAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_POLL_SECONDS = 2.0
+STALE_REQUEST_SECONDS = 30.0
 
 
 class _StopOutcome:
@@ -147,9 +148,11 @@ def _watch_stop_requests(exp_dir: Path, since: float) -> None:
 
 
 def start_stop_request_watcher() -> None:
+    """Requests written up to STALE_REQUEST_SECONDS before this launcher started count (one written while the
+    nodes were starting); older ones are left over from an earlier run and ignored."""
     exp_dir = os.environ.get(EXP_DIR_ENV)
     if exp_dir:
-        threading.Thread(target=_watch_stop_requests, args=(Path(exp_dir), time.time()),
+        threading.Thread(target=_watch_stop_requests, args=(Path(exp_dir), time.time() - STALE_REQUEST_SECONDS),
                          name="infir2-stop-request", daemon=True).start()
 
 
