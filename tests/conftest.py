@@ -1,5 +1,9 @@
 """Shared fixtures. Keep this small: test files own their helpers.
 
+Tests live in unit/ (in-process), process/ (real torchrun, gloo, bash and Megatron processes on the CPU) and
+gpu/ (needs CUDA); fakes/ holds the stand-ins they start (workers, Slurm, Megatron) and build (a toy tokenizer,
+a memory snapshot), importable by name from any test.
+
 - `exp_root`: INFIR2_EXP_ROOT pointed at an empty temporary folder (returned, not yet created).
 - `cli`: run the `infir2` typer app in-process (typer.testing.CliRunner); returns click's Result with
   separate `.stdout` / `.stderr` and their mix in `.output`.
@@ -8,6 +12,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +21,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fakes"))
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Holders are real processes (a child python that takes the lock and sleeps), so liveness is checked the
 way a second launch checks it. The end-to-end launches (a second `infir2 train` refused, SIGTERM, the
-stale lock taken over by the same command) are in tests/test_reliability.py.
+stale lock taken over by the same command) are in tests/process/test_reliability.py.
 """
 
 from __future__ import annotations

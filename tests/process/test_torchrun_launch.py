@@ -1,5 +1,5 @@
 """A real launch on the CPU, through the same code path as a GPU run: `infir2 train` plans, writes exp/<name>/,
-execs torchrun (c10d rendezvous, 1 node x 2 processes), and torchrun starts tests/workers/gloo_worker.py
+execs torchrun (c10d rendezvous, 1 node x 2 processes), and torchrun starts tests/fakes/gloo_worker.py
 in place of the Megatron entry (INFIR2_ENTRY, which also skips the GPU probe). Each worker joins a gloo
 group, all-reduces, and reports its ranks, its environment and its arguments."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "workers" / "gloo_worker.py"
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "fakes" / "gloo_worker.py"
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu" / "issue7.sh"
 BENCH_STEPS = ("A", "B", "D", "E", "U", "P", "M", "M2", "N", "S", "G", "I", "K", "full4", "full4seed", "full8")
 

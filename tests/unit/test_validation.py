@@ -16,7 +16,7 @@ from infir2_cpt.launch.plan import LaunchError, LaunchRequest, plan_run
 from infir2_cpt.recipe.load import RecipeError, load_recipe
 from infir2_cpt.recipe.validate import check_config, check_gpu, parse_endpoint
 
-NO_GPU_PROBE = {"INFIR2_ENTRY": "tests.workers.gloo_worker"}
+NO_GPU_PROBE = {"INFIR2_ENTRY": "tests.fakes.gloo_worker"}
 
 
 def config_problems(recipe: str = "tiny", *sets: str, **request) -> list[str]:

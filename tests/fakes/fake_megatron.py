@@ -1,6 +1,6 @@
 """A stand-in for the Megatron entry that prints what Megatron's training loop prints, for `infir2 bench` on the CPU.
 
-tests/test_bench.py runs `infir2 bench` with INFIR2_ENTRY pointing here: the real bench orchestration, the real
+tests/unit/test_bench.py runs `infir2 bench` with INFIR2_ENTRY pointing here: the real bench orchestration, the real
 `infir2 train` launcher and torchrun start this script instead of infir2_cpt.runtime.entry. It reads the Megatron
 arguments it was given and prints, in the wheel's own formats (megatron/training/training.py training_log and
 utils/common_utils.py report_memory), one line per iteration with a step time that depends on the precision,
@@ -8,7 +8,7 @@ the memory reports (after iterations 1 and 2, and every --log-memory-interval), 
 and "successfully saved checkpoint" lines where Megatron would save (`--save` set and at a save interval, or
 at the end off an interval). With --profile --use-pytorch-profiler it writes a small Chrome trace where
 Megatron's trace handler would (<tensorboard-dir>/../torch_profile/rank-<R>.json.gz); with --record-memory-history
-it rewrites a CUDA memory snapshot (tests/fake_snapshot.py) at --memory-snapshot-path every iteration, as
+it rewrites a CUDA memory snapshot (tests/fakes/fake_snapshot.py) at --memory-snapshot-path every iteration, as
 Megatron does on the last rank. Its arguments go to
 $INFIR2_EXP_DIR/fake_megatron_argv.json. FAKE_MEGATRON_FAIL=<experiment name> makes that run die like an OOM;
 FAKE_MEGATRON_HANG=<experiment name> makes it hang.
@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_snapshot import iteration_snapshot  # noqa: E402
 from infir2_cpt.bench.plan import ModelShape, model_flops  # noqa: E402
 

@@ -1,6 +1,6 @@
 """A stand-in for the training entry, started by infir2's real launcher through torchrun on the CPU.
 
-tests/test_torchrun_launch.py runs `infir2 train` with INFIR2_ENTRY pointing here. Every rank joins a gloo
+tests/process/test_torchrun_launch.py runs `infir2 train` with INFIR2_ENTRY pointing here. Every rank joins a gloo
 process group (env:// from torchrun's variables), checks an all_reduce, and writes what it received --
 its ranks, the recipe's environment and its Megatron arguments -- to $INFIR2_EXP_DIR/gloo_rank<R>.json.
 """

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_toy_corpus.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_toy_corpus.py"
 
 
 def toy_corpus_module() -> ModuleType:

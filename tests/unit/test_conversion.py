@@ -4,7 +4,7 @@
   the fused QKV and fc1 layouts are checked against an independent computation on a random input; padding rows;
 - config.json: what megatron-to-hf writes loads with transformers and gives the source model's logits;
 - an HF config that disagrees with the recipe: every problem listed, exit 2;
-- Megatron itself (tests/workers/megatron_cpu_convert.py): the recipe's arguments through parse_and_validate_args,
+- Megatron itself (tests/fakes/megatron_cpu_convert.py): the recipe's arguments through parse_and_validate_args,
   the model from GPTModelBuilder, Megatron's save_checkpoint (release), the checkpoint read back, and the
   Megatron forward against transformers' logits; then `infir2 convert megatron-to-hf` for real (torchrun, gloo).
 The GPU parts (Transformer Engine layers, BF16 on CUDA, FP8-trained checkpoints) are scripts/gpu/convert_proof.sh.
@@ -29,8 +29,8 @@ from infir2_cpt.convert import mapping as cv  # noqa: E402
 from infir2_cpt.recipe.shape import ModelShape  # noqa: E402
 from infir2_cpt.recipe.load import load_recipe, recipe_to_yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "workers" / "megatron_cpu_convert.py"
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "fakes" / "megatron_cpu_convert.py"
 
 TINY = dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
             vocab=1000, padded=1024)

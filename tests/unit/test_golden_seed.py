@@ -1,6 +1,6 @@
 """Golden test against the seed scripts.
 
-tests/golden/seed_*.txt hold the Megatron arguments of the four seed scripts, written out from the
+tests/unit/golden/seed_*.txt hold the Megatron arguments of the four seed scripts, written out from the
 reference tables. For every flag there, infir2's argument list carries the same value (numbers compared
 as numbers: 1e-4 == 0.0001), or the flag is a row of the deviations table in docs/recipes.md. Every flag
 infir2 adds must be a row there too. The table is read from the markdown itself.
@@ -17,7 +17,7 @@ import pytest
 
 from infir2_cpt.launch.plan import LaunchRequest, plan_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 DOCS = REPO / "docs" / "recipes.md"
 ABSENT = {"—", "-", "–", ""}

@@ -12,7 +12,7 @@ from infir2_cpt.launch.plan import LaunchRequest, load_request_recipe
 from infir2_cpt.recipe.load import (RECIPES_DIR, RecipeError, field_docs, load_raw, load_recipe, recipe_to_yaml,
                                 shipped_recipe_names)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Table 1.2 of the reference: the seed scripts' exported environment (PYTHONPATH is only for a Megatron-LM
 # checkout: megatron.code_dir).
@@ -192,7 +192,7 @@ def test_recipe_reference_in_docs_is_generated_from_the_schema() -> None:
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, str(root / "scripts" / "gen_recipe_docs.py"), "--check"],
                             capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr

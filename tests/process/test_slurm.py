@@ -1,7 +1,7 @@
 """`infir2 sbatch`: the batch script is valid bash, and does what Slurm needs when it runs for real.
 
 The script runs under real bash against stand-ins for sbatch, srun and scontrol and for the compute
-nodes' `infir2` (tests/workers/fake_slurm.py, first on PATH): they record their arguments and
+nodes' `infir2` (tests/fakes/fake_slurm.py, first on PATH): they record their arguments and
 environment, and behave as Slurm would where it matters (one task per node, per-node output files, srun
 forwarding SIGTERM to its tasks). Checked: the #SBATCH options, the endpoint taken from the first host,
 the srun and `infir2 train` arguments (and that the real `infir2 train --dry-run` accepts them), the
@@ -24,7 +24,7 @@ import pytest
 from infir2_cpt.launch import slurm as slurm
 
 INFIR2 = str(Path(sys.executable).with_name("infir2"))
-FAKE = Path(__file__).resolve().parent / "workers" / "fake_slurm.py"
+FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_slurm.py"
 NODELIST = "gpu-a[01-04]"
 HOSTS = ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a04"]
 JOB_ID = "4242"

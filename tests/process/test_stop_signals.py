@@ -1,7 +1,7 @@
 """Stopping a run: a stop signal (or a stop request) at any point ends with a complete checkpoint at the
 iteration reached, launcher exit 0, and the same command resuming there.
 
-Real launches: `infir2 train` as a process, the real torchrun underneath, and tests/workers/saving_worker.py
+Real launches: `infir2 train` as a process, the real torchrun underneath, and tests/fakes/saving_worker.py
 as the training entry (gloo on the CPU). That worker saves the way Megatron does: SIGTERM sets a flag, the
 ranks agree after each iteration and save there; the first save starts a helper process in the worker's
 process group and every later save needs it. A stop that signals the whole group (plain torchrun's close)
@@ -24,7 +24,7 @@ import pytest
 
 from infir2_cpt.layout import write_stop_request
 
-WORKER = Path(__file__).resolve().parent / "workers" / "saving_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "fakes" / "saving_worker.py"
 EXP = "stopper"
 
 pytestmark = pytest.mark.slow

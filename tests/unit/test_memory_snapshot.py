@@ -1,5 +1,5 @@
 """memory_snapshot.py: the peak of a CUDA memory snapshot and what is live then (hand-built snapshots in
-torch's format, tests/fake_snapshot.py), and `infir2 bench --memory-breakdown`."""
+torch's format, tests/fakes/fake_snapshot.py), and `infir2 bench --memory-breakdown`."""
 
 from __future__ import annotations
 

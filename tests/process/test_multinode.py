@@ -1,7 +1,7 @@
 """Two `infir2 train` launchers as the two nodes of one job, on this machine, through real torchrun.
 
 Each "node" runs the real console script: `infir2 train --recipe tiny --nnodes 2 --nproc-per-node 2
---rdzv-endpoint HEAD:PORT --exp NAME`, with INFIR2_ENTRY pointing at tests/workers/multinode_worker.py (a
+--rdzv-endpoint HEAD:PORT --exp NAME`, with INFIR2_ENTRY pointing at tests/fakes/multinode_worker.py (a
 gloo worker that records what torchrun gave it) and one INFIR2_EXP_ROOT shared by both, as a shared
 filesystem is on a cluster.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 INFIR2 = str(Path(sys.executable).with_name("infir2"))
-WORKER = Path(__file__).resolve().parent / "workers" / "multinode_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "fakes" / "multinode_worker.py"
 NPROC = 2
 JOIN_TIMEOUT = 10
 # Startup (recipe planning, torch import, spawning) on a loaded 2-core CI machine, on top of the timeout.

@@ -1,7 +1,7 @@
 """`infir2 bench` (issue 7) on the CPU: variants -> recipe overrides -> the exact Megatron arguments (infir2's
 planner and Megatron's own parser), Megatron's log lines -> the table, the FLOP formula against Megatron's
 num_floating_point_operations, MFU and ratios, the JSON/PNG outputs, the profiler-trace breakdown, and the
-whole orchestration end to end with a stand-in for the Megatron entry (tests/workers/fake_megatron.py)
+whole orchestration end to end with a stand-in for the Megatron entry (tests/fakes/fake_megatron.py)
 started by the real launcher and torchrun."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from infir2_cpt.recipe.shape import ModelShape
 from infir2_cpt.reports.runlog import parse_log
 from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv
 
-REPO = Path(__file__).resolve().parents[1]
-FAKE_ENTRY = REPO / "tests" / "workers" / "fake_megatron.py"
+REPO = Path(__file__).resolve().parents[2]
+FAKE_ENTRY = REPO / "tests" / "fakes" / "fake_megatron.py"
 
 
 def _value(argv: list[str], flag: str) -> str:

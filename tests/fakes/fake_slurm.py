@@ -1,4 +1,4 @@
-"""Stand-ins for sbatch, srun, scontrol and the compute nodes' `infir2`, for tests/test_slurm.py.
+"""Stand-ins for sbatch, srun, scontrol and the compute nodes' `infir2`, for tests/process/test_slurm.py.
 
 One file, several names: the test links it as bin/sbatch, bin/srun, bin/scontrol and bin/infir2 (the
 name it is called by picks the role) and puts bin/ first on PATH. Every call appends a JSON record

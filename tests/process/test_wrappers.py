@@ -13,7 +13,7 @@ import pytest
 
 from infir2_cpt import checkpoints as ck
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "CPT"
 BIN = Path(sys.executable).parent
 

@@ -29,7 +29,7 @@ from infir2_cpt.recipe import validate as validation
 from infir2_cpt.layout import ExperimentPaths
 from infir2_cpt.recipe.load import load_recipe
 
-WORKER = Path(__file__).resolve().parent / "workers" / "sleepy_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "fakes" / "sleepy_worker.py"
 
 
 # --------------------------------------------------------------------------- helpers
