@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# One GPU session on a 2-GPU host (nvidia-h200-x2), run as a daemon that outlives each device call, so that
+# staging, installing and every measurement share one machine and a call only looks in and collects:
+#   bash scripts/gpu/session.sh prepbg        # CPU only, in the background: text gathered on the host, prepared
+#                                             # with the Qwen tokenizer (needs w/ staged: megatron-core)
+#   bash scripts/gpu/session.sh start         # (after the last staging call) install, then both lanes, in the background
+#   bash scripts/gpu/session.sh poll 540      # wait up to 540 s (or until done), then pack results into $OUT
+# Lanes: GPU 0 times benches (7B shape, DP 2 memory, 1.5B); GPU 1 runs the stop proof, the base model, the
+# master-weight proof, the CPT comparison, the held-out evaluations, the checkpoint-retention proof and the
+# fidelity runs. Each step logs one line to $W/res/steps.txt; results go to $W/res.
+# DRY=1 runs every infir2 command of the plan with --dry-run on the CPU (what the tests do).
+set -uo pipefail
+W=${W:-/tmp/w}
+RES=$W/res
+DATA=$W/data
+TOK=${TOK:-$W/qwen-tokenizer}
+export INFIR2_EXP_ROOT=$W/exp PYTHONUNBUFFERED=1 PATH="$HOME/.local/bin:$PATH"
+mkdir -p "$RES" "$DATA" "$INFIR2_EXP_ROOT" "$RES/console"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RES/steps.txt"; }
+DRYF=()
+[ -n "${DRY:-}" ] && DRYF=(--dry-run)
+C=scripts/gpu/bench_candidates.yaml
+
+# ---- the text every GPU run here trains on: source and documentation files of the host's Python packages
+TEXT=(--set data.mock=false --set "data.blend=[{path: $DATA/train_text_document, weight: 1.0}]"
+      --set data.split=98,2,0 --set tokenizer.type=HuggingFaceTokenizer --set "tokenizer.model=$TOK"
+      --set model.vocab_size=151669 --set logging.eval_interval=100 --set logging.eval_iters=8)
+BASE_SCHEDULE=(--set schedule.train_iters=1200 --set schedule.warmup_iters=100 --set schedule.decay_iters=200
+               --set checkpoint.save_interval=200)
+CPT_SCHEDULE=(--set schedule.train_iters=500 --set schedule.warmup_iters=50 --set schedule.decay_iters=100
+              --set schedule.lr=5e-4 --set schedule.min_lr=5e-5 --set checkpoint.save_interval=100)
+PRETRAINED=(--set "checkpoint.pretrained=$INFIR2_EXP_ROOT/base/checkpoints")
+
+step_prep() {
+  log "prep: megatron-core and infir2 (no TE yet), text, prepare-data"
+  python3 -m pip install -q --no-index --no-deps --no-compile /tmp/gpu-stage/w/megatron_core-*.whl >/dev/null 2>&1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+  cp -r .gpu-data/qwen-tokenizer "$TOK" 2>/dev/null
+  python3 scripts/gpu/gather_text.py --out "$DATA" --train-mb 200 --heldout-percent 2 \
+    /opt/torch/.venv/lib/python3.12/site-packages /usr/lib/python3* >"$RES/console/gather.txt" 2>&1
+  for split in train heldout; do
+    /usr/bin/time -v infir2 prepare-data --input "$DATA/$split.jsonl" --tokenizer "$TOK" \
+      --output-prefix "$DATA/$split" --workers "$(nproc)" >"$RES/console/prepare-$split.txt" 2>&1
+  done
+  log "prep: $(cat "$DATA/gather.json" 2>/dev/null) $(ls "$DATA" | tr '\n' ' ')"
+}
+
+step_install() {
+  log "install: TE, megatron-core, infir2"
+  bash /tmp/gpu-stage/w/install.sh >"$RES/console/install.txt" 2>&1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$RES/console/install.txt" 2>&1
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv >>"$RES/steps.txt"
+  python3 -c "import torch, transformer_engine as te, megatron.core as mc; print('torch', torch.__version__, 'TE', te.__version__, 'mcore', mc.__version__, 'gpus', torch.cuda.device_count())" >>"$RES/steps.txt" 2>&1
+  log "install: done"
+}
+
+bench() {  # NAME ARGS...: one infir2 bench (its variants one after the other)
+  local name=$1; shift
+  log "bench $name: $*"
+  infir2 bench --timeout-minutes 5 --variants-file "$C" --exp-name "$name" "${DRYF[@]}" "$@" \
+    >"$RES/console/$name.txt" 2>&1
+  log "bench $name: exit $?"
+}
+S7=(--recipe 7b --layers 8 --seq 8192)
+Q=(--steps 10 --warmup-steps 3)
+
+# ---- lane A (GPU 0; DP 2 uses both): speed and memory
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,bf16-seedflags,bf16-qkvrope,fp8-blockwise,fp8-lmhead,fp8-attn,fp8-mem,fp8-all; }
+step_ADP2() { CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 \
+  --variants bf16,fp8-blockwise,fp8-all; }  # memory only: GPU 1 is busy with lane B meanwhile
+step_A15() { bench b15 --recipe 1.5b --seq 8192 "${Q[@]}" --variants bf16,fp8-blockwise,bf16-graph,fp8-graph,fp8-all-tied; }
+
+# ---- lane B (GPU 1)
+step_Bstop() {
+  log "stop proof"
+  if [ -n "${DRY:-}" ]; then infir2 train --recipe tiny --exp stop-dry --dry-run >/dev/null; log "stop proof: dry $?"; return; fi
+  python3 scripts/gpu/stop_proof.py --out "$RES/stop" >"$RES/console/stop.txt" 2>&1
+  log "stop proof: exit $?"
+}
+train() {  # NAME ARGS...: infir2 train, console to $RES/console/NAME.txt
+  local name=$1; shift
+  log "train $name"
+  infir2 train --recipe tiny --exp "$name" "${DRYF[@]}" "$@" >"$RES/console/$name.txt" 2>&1
+  log "train $name: exit $?"
+}
+step_Bbase() {  # the base model worth continuing: BF16 on the text, with the retention policy and the held-out set
+  train base --set precision.fp8=null "${TEXT[@]}" "${BASE_SCHEDULE[@]}" --rdzv-endpoint localhost:29511
+}
+masters_probe() {  # NAME ARGS...: a first launch from the base model that reports and dumps its masters, then exits
+  local name=$1; shift
+  INFIR2_MASTERS_REPORT=$RES/masters/$name.json INFIR2_MASTERS_DUMP=$W/masters/$name.pt INFIR2_EXIT_AFTER_LOAD=1 \
+    train "$name" "${TEXT[@]}" "${CPT_SCHEDULE[@]}" "${PRETRAINED[@]}" "$@"
+}
+# `wait PID...` only: a bare `wait` would also wait for the other lane
+step_Bmasters() {
+  local p=()
+  masters_probe m-fixed --rdzv-endpoint localhost:29521 & p+=($!)
+  masters_probe m-today --set checkpoint.masters_from_pretrained=false --rdzv-endpoint localhost:29522 & p+=($!)
+  masters_probe m-bf16 --set precision.fp8=null --rdzv-endpoint localhost:29523 & p+=($!)
+  wait "${p[@]}"
+}
+step_Bcpt() {  # 500 CPT iterations from the base model: FP8 (fixed masters, and today's), BF16; same data and seed
+  local p=()
+  train cpt-fp8 "${TEXT[@]}" "${CPT_SCHEDULE[@]}" "${PRETRAINED[@]}" --rdzv-endpoint localhost:29531 & p+=($!)
+  train cpt-fp8-today "${TEXT[@]}" "${CPT_SCHEDULE[@]}" "${PRETRAINED[@]}" \
+    --set checkpoint.masters_from_pretrained=false --rdzv-endpoint localhost:29532 & p+=($!)
+  train cpt-bf16 "${TEXT[@]}" "${CPT_SCHEDULE[@]}" "${PRETRAINED[@]}" --set precision.fp8=null \
+    --rdzv-endpoint localhost:29533 & p+=($!)
+  wait "${p[@]}"
+}
+dump_at() {  # EXP ITERATION PORT [ARGS]: load that checkpoint of the run, dump its masters, exit
+  local exp=$1 it=$2 port=$3; shift 3
+  INFIR2_MASTERS_DUMP=$W/masters/$exp-$it.pt INFIR2_EXIT_AFTER_LOAD=1 \
+    train "$exp" "${TEXT[@]}" "${CPT_SCHEDULE[@]}" "${PRETRAINED[@]}" --rdzv-endpoint "localhost:$port" "$@" \
+    -- --ckpt-step "$it"
+}
+step_Bdump() {  # one experiment's dumps one after the other (its lock)
+  local p=()
+  { dump_at cpt-fp8 200 29541; dump_at cpt-fp8 500 29542; } & p+=($!)
+  { dump_at cpt-fp8-today 200 29543 --set checkpoint.masters_from_pretrained=false
+    dump_at cpt-fp8-today 500 29544 --set checkpoint.masters_from_pretrained=false; } & p+=($!)
+  wait "${p[@]}"
+}
+
+step_Beval() {
+  log "held-out loss (BF16)"
+  [ -n "${DRY:-}" ] && return
+  local m=$W/masters e=$INFIR2_EXP_ROOT
+  python3 scripts/gpu/heldout_loss.py --recipe "$e/base/recipe.yaml" --heldout "$DATA/heldout_text_document" \
+    --out "$RES/heldout.json" base="$e/base/checkpoints" \
+    masters-today-load="$m/m-today.pt" masters-fixed-load="$m/m-fixed.pt" \
+    masters-today-200="$m/cpt-fp8-today-200.pt" masters-fixed-200="$m/cpt-fp8-200.pt" \
+    masters-today-500="$m/cpt-fp8-today-500.pt" masters-fixed-500="$m/cpt-fp8-500.pt" \
+    fp8-weights-500="$e/cpt-fp8/checkpoints" bf16-500="$e/cpt-bf16/checkpoints" \
+    >"$RES/console/heldout.txt" 2>&1
+  log "held-out loss: exit $?"
+  python3 scripts/gpu/tb_summary.py "$e/cpt-fp8" "$e/cpt-fp8-today" "$e/cpt-bf16" "$e/base" >"$RES/tb-summary.json" 2>/dev/null
+  python3 scripts/gpu/tb_curves.py --tag "lm loss" --out "$RES/curves.json" "$e/cpt-fp8" "$e/cpt-fp8-today" \
+    "$e/cpt-bf16" "$e/base" 2>>"$RES/console/heldout.txt"
+}
+step_Bfid() {
+  bench fid --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
+    --variants bf16,fp8-blockwise,fp8-all,bf16-moments,fp8-moments
+}
+
+lane_A() { CUDA_VISIBLE_DEVICES=0 step_A7; step_ADP2; CUDA_VISIBLE_DEVICES=0 step_A15; log "lane A done"; }
+lane_B() {
+  export CUDA_VISIBLE_DEVICES=1
+  step_Bstop & local stop=$!
+  step_Bbase
+  step_Bmasters
+  step_Bcpt
+  step_Bdump
+  step_Beval
+  wait $stop
+  step_Bfid
+  log "lane B done"
+}
+
+step_run() {  # everything after the staging, as one background job
+  [ -n "${DRY:-}" ] || step_install
+  lane_A & local a=$!
+  lane_B
+  wait $a
+  touch "$RES/DONE"
+  log "session done"
+}
+
+step_prepbg() {  # prep in the background (the staging calls go on meanwhile)
+  setsid nohup bash scripts/gpu/session.sh prep >"$RES/console/prep-session.txt" 2>&1 &
+  log "prep started"
+}
+
+step_start() {
+  # a copy of the tree: each device call lays the uploaded tree anew under the running jobs
+  rm -rf "$W/src" && mkdir -p "$W/src" && tar --exclude=./.gpu-stage -cf - . | tar -xf - -C "$W/src"
+  (cd "$W/src" && setsid nohup bash scripts/gpu/session.sh run >"$RES/console/session.txt" 2>&1 &)
+  log "started in $W/src"
+}
+
+step_poll() {  # SECONDS: wait for DONE (at most that long), then pack what there is into $OUT
+  local until=$(( $(date +%s) + ${1:-0} ))
+  while [ ! -f "$RES/DONE" ] && [ "$(date +%s)" -lt "$until" ]; do sleep 5; done
+  tail -n 40 "$RES/steps.txt"
+  [ -n "${OUT:-}" ] || return 0
+  (cd "$W" && tar czf "$OUT/res.tgz" --exclude='*.pt' res \
+     $(ls -d exp/*/bench.json exp/*/table.md exp/*/*.png exp/*/*/bench-console.log exp/*/recipe.yaml \
+        exp/*/logs exp/*/eval 2>/dev/null))
+  ls -la "$OUT"
+}
+
+for item in "$@"; do
+  case $item in
+    [0-9]*) ;;  # poll's argument
+    poll) step_poll "${2:-0}" ;;
+    *) "step_$item" ;;
+  esac
+done
