@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt.bench import plan as bench
-from infir2_cpt.bench.plan import (BenchError, BenchRequest, Variant, VariantResult, classify_kernel, flops_per_sequence,
+from infir2_cpt.errors import BenchError
+from infir2_cpt.bench.plan import (BenchRequest, Variant, VariantResult, classify_kernel, flops_per_sequence,
                               gpu_peak, model_flops, parse_variant_spec, plan_bench, ratios, trace_breakdown,
                               variant_metrics)
 from infir2_cpt.recipe.shape import ModelShape

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from infir2_cpt.data import prepare as data
-from infir2_cpt.data.prepare import DataError, PrepareResult, WorkerError, inspect_data, prepare_data
+from infir2_cpt.errors import DataError, WorkerError
+from infir2_cpt.data.prepare import PrepareResult, inspect_data, prepare_data
 from toy_tokenizer import build_toy_tokenizer, toy_corpus_module, toy_documents
 
 DOCS = toy_documents(60)

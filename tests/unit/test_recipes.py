@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from infir2_cpt.launch.plan import LaunchRequest, load_request_recipe
-from infir2_cpt.recipe.load import (RECIPES_DIR, RecipeError, field_docs, load_raw, load_recipe, recipe_to_yaml,
+from infir2_cpt.errors import RecipeError
+from infir2_cpt.recipe.load import (RECIPES_DIR, field_docs, load_raw, load_recipe, recipe_to_yaml,
                                 shipped_recipe_names)
 
 REPO = Path(__file__).resolve().parents[2]

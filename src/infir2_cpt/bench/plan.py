@@ -34,11 +34,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import yaml
 
-from ..launch.plan import ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
+from ..launch.plan import ENTRY_ENV, LaunchPlan, LaunchRequest, format_command, plan_run
 from ..layout import exp_root
 from .memory import REPORT_PHASES, snapshot_breakdown
 from ..recipe.shape import ModelShape
-from ..recipe.load import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
+from ..errors import BenchError, LaunchError, Problem, RecipeError
+from ..recipe.load import Recipe, apply_sets, build_recipe, load_raw, parse_set
 from ..recipe.validate import EXP_NAME_RE
 from ..reports.runlog import RunLog, parse_log
 
@@ -55,13 +56,6 @@ TRACE_GLOB = "torch_profile/rank-*.json*"
 MEMORY_SNAPSHOT_FILE = "memory_snapshot.pickle"
 
 
-class BenchError(Exception):
-    """Every problem found in a bench request, reported together (exit 2)."""
-
-    def __init__(self, problems: list[Problem], title: str = "infir2: cannot run the benchmark") -> None:
-        self.problems = problems
-        self.title = title
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 # --------------------------------------------------------------------------- variants

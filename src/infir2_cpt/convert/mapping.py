@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..recipe.shape import ModelShape
-from ..recipe.load import Problem, Recipe
+from ..errors import ConversionError, Problem
+from ..recipe.load import Recipe
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so that the CLI starts fast
 
@@ -63,13 +64,6 @@ LOCAL_SPEC_NAMES = {
 }
 
 
-class ConversionError(Exception):
-    """Every problem found, reported together (the CLI exits 2)."""
-
-    def __init__(self, problems: list[Problem], title: str = "cannot convert") -> None:
-        self.problems = problems
-        self.title = title
-        super().__init__(f"{title}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 # --------------------------------------------------------------------------- shape (ModelShape: model_shape.py)

@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
+from ..errors import Problem, RecipeError
+
 def _find_recipes_dir() -> Path:
     """Shipped recipes: $INFIR2_RECIPES_DIR, the source checkout's recipes/ (editable install), or the
     copy a wheel installs under <prefix>/share/infir2/recipes."""
@@ -200,32 +202,6 @@ class Recipe:
     megatron_extra_args: list[str] = doc(
         "Megatron flags appended last, verbatim (anything the schema does not model; last one wins).",
         default_factory=list)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a recipe or command line: where, what was given, what would be valid."""
-
-    key: str
-    message: str
-    value: Any = None
-
-    def __str__(self) -> str:
-        shown = "" if self.value is None else f" (got {self.value!r})"
-        return f"{self.key}: {self.message}{shown}"
-
-
-class RecipeError(Exception):
-    """All problems found while loading a recipe, reported together."""
-
-    def __init__(self, problems: list[Problem], source: str = "recipe") -> None:
-        self.problems = problems
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
 # --------------------------------------------------------------------------- locating and reading

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .load import Problem, Recipe
+from ..errors import Problem
+from .load import Recipe
 
 
 @dataclass(frozen=True)

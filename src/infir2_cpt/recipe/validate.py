@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layout import ExperimentPaths
-from .load import FP8_RECIPES, WSD_DECAY_STYLES, Problem, Recipe
+from ..errors import Problem
+from .load import FP8_RECIPES, WSD_DECAY_STYLES, Recipe
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 FP8_BLOCK = 128
