@@ -36,7 +36,8 @@ from ..layout import RECIPE_FILE
 from ..launch.megatron_args import model_args
 from ..recipe.shape import ModelShape
 from ..errors import ConversionError, Problem, RecipeError
-from ..recipe.load import Recipe, load_recipe
+from ..recipe.schema import Recipe
+from ..recipe.load import load_recipe
 from ..runtime.torchrun import GRACE_ENV
 from ..recipe.validate import nearest_existing
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layout import ExperimentPaths
-from ..recipe.load import Recipe
+from ..recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from ..layout import (DECAY_SOURCE_FILE, DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, 
                      ExperimentPaths, read_json_object)
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups
 from ..errors import LaunchError, Problem
-from ..recipe.load import LoadedRecipe, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
+from ..recipe.schema import Recipe
+from ..recipe.load import LoadedRecipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from ..runtime.torchrun import GRACE_ENV
 from ..recipe.validate import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
                          drop_consequences)

@@ -17,7 +17,8 @@ import yaml
 from .. import checkpoints as ck
 from ..layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, exp_root, read_json_object
 from ..errors import Problem, RecipeError, ReportError
-from ..recipe.load import Recipe, apply_sets, build_recipe, load_raw, resolve_recipe_path
+from ..recipe.schema import Recipe
+from ..recipe.load import apply_sets, build_recipe, load_raw, resolve_recipe_path
 from ..recipe.schedule import WSDSchedule
 from ..recipe.validate import Findings, check_schedule
 
