@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layout import ExperimentPaths
+from ..argv import last_value
 from ..errors import Problem
 from .schema import FP8_RECIPES, WSD_DECAY_STYLES, Recipe
 from .shape import ModelShape
@@ -269,22 +270,11 @@ def check_name(recipe: Recipe, out: Findings) -> None:
                 "._+=- (starting with a letter or digit, at most 200 characters)", recipe.name)
 
 
-def _last_value(args: list[str], flag: str) -> str | None:
-    """The value the last `flag VALUE` or `flag=VALUE` in a Megatron argument list gives (argparse: last wins)."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def check_cuda_graph_env(megatron_args: list[str], env: dict[str, str], out: Findings) -> None:
     """Megatron refuses Transformer Engine CUDA graphs with expandable segments unless NCCL_GRAPH_REGISTER=0
     (illegal memory accesses otherwise); the shipped recipes set expandable segments. `env` is what the
     ranks will see: the user's environment with the recipe's variables applied."""
-    if _last_value(megatron_args, "--cuda-graph-impl") != "transformer_engine":
+    if last_value(megatron_args, "--cuda-graph-impl") != "transformer_engine":
         return
     if "expandable_segments:True" in env.get("PYTORCH_CUDA_ALLOC_CONF", "") and env.get("NCCL_GRAPH_REGISTER") != "0":
         out.add("env.NCCL_GRAPH_REGISTER", "--cuda-graph-impl transformer_engine with PYTORCH_CUDA_ALLOC_CONF="
