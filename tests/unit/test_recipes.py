@@ -32,7 +32,7 @@ SEED_ENV = {
 
 def test_shipped_recipes():
     assert set(shipped_recipe_names()) >= {"7b", "7b-decay", "1.5b", "1.5b-decay", "tiny"}
-    assert RECIPES_DIR == REPO / "recipes"
+    assert RECIPES_DIR == REPO / "src" / "infir2_cpt" / "recipe" / "recipes"
 
 
 @pytest.mark.parametrize("name", shipped_recipe_names())

@@ -1,14 +1,13 @@
 """Reading a recipe: YAML with `extends:`, `--set` overrides, and the typed conversion into the schema (schema.py).
 
-A recipe is a YAML file under `recipes/` (or any path). Loading never stops at the first problem: every
-unknown key, wrong type and bad value is collected and reported together as a `RecipeError`.
+A recipe is a shipped one (recipe/recipes/NAME.yaml, given by name) or any YAML file. Loading never stops at
+the first problem: every unknown key, wrong type and bad value is collected and reported together as a
+`RecipeError`.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import dataclasses
 import difflib
 import types
@@ -23,16 +22,8 @@ from ..errors import Problem, RecipeError
 from .schema import Recipe
 
 
-def _find_recipes_dir() -> Path:
-    """Shipped recipes: $INFIR2_RECIPES_DIR, the source checkout's recipes/ (editable install), or the
-    copy a wheel installs under <prefix>/share/infir2/recipes."""
-    env = os.environ.get("INFIR2_RECIPES_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[3] / "recipes", Path(sys.prefix) / "share" / "infir2" / "recipes"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-RECIPES_DIR = _find_recipes_dir()
+# The shipped recipes are package data: the same folder in a source checkout and in an installed package.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 # --------------------------------------------------------------------------- locating and reading
 
