@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_snapshot import iteration_snapshot  # noqa: E402
-from infir2_cpt.bench.plan import ModelShape, model_flops  # noqa: E402
+from infir2_cpt.recipe.shape import ModelShape  # noqa: E402
 
 STEP_MS = {None: 1988.0, "blockwise": 1686.0, "tensorwise": 1620.0, "delayed": 1600.0, "mxfp8": 1500.0}
 MAX_ALLOCATED_MB = {None: 69530.5, "blockwise": 67891.25, "tensorwise": 67891.25, "delayed": 68000.0, "mxfp8": 66000.0}
@@ -91,7 +91,7 @@ def main() -> None:
     fp8 = args.fp8_recipe if args.fp8_format else None
     padded = args.padded_vocab_size
     if padded is None:
-        vocab = 32000 if args.data_path else args.vocab_size + 1  # an HF tokenizer brings its own vocabulary
+        vocab = 32000 if args.data_path else args.vocab_size  # an HF tokenizer brings its own vocabulary
         multiple = 128 * (args.tensor_model_parallel_size or 1)
         padded = -(-vocab // multiple) * multiple
         print(f" > padded vocab (size: {vocab}) with {padded - vocab} dummy tokens (new size: {padded})", flush=True)
@@ -103,7 +103,7 @@ def main() -> None:
         time.sleep(600)
     shape = ModelShape(args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
                        args.num_query_groups, args.seq_length, padded)
-    flops = model_flops(shape, args.global_batch_size)
+    flops = shape.flops_per_iteration(args.global_batch_size)
     micro_batch_speedup = 0.97 if args.micro_batch_size == 2 else 1.0
     max_alloc = MAX_ALLOCATED_MB[fp8] * (1.3 if args.micro_batch_size == 2 else 1.0)
     consumed = 0

@@ -49,6 +49,16 @@ def test_te_cross_entropy_fusion_becomes_native_and_last_value_wins() -> None:
     assert "refuses --cross-entropy-fusion-impl te" in notes[0]
 
 
+def test_te_cross_entropy_fusion_given_with_an_equals_sign_is_rewritten_too() -> None:
+    """The launch host's checks and this rewrite read a flag the same way (infir2_cpt.argv): `--flag=value`
+    counts, and the last occurrence wins whichever way it is written."""
+    fixed, notes = adjust_megatron_argv(["--cross-entropy-fusion-impl", "native", "--cross-entropy-fusion-impl=te"],
+                                        apex_available=True)
+    assert fixed == ["--cross-entropy-fusion-impl", "native", "--cross-entropy-fusion-impl=native"] and notes
+    kept = ["--cross-entropy-fusion-impl=te", "--cross-entropy-fusion-impl", "native"]
+    assert adjust_megatron_argv(kept, apex_available=True) == (kept, [])
+
+
 def test_dataset_helper_compilation_is_skipped_and_helpers_are_real() -> None:
     code = textwrap.dedent("""
         import megatron.core.datasets.utils as u

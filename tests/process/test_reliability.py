@@ -24,10 +24,11 @@ import pytest
 from click.testing import Result
 
 from infir2_cpt.launch import plan as launch
-from infir2_cpt.launch import locking as locking
+from infir2_cpt.launch import locking
 from infir2_cpt.recipe import validate as validation
 from infir2_cpt.layout import ExperimentPaths
 from infir2_cpt.recipe.load import load_recipe
+from infir2_cpt.recipe.shape import ModelShape, embedding_rows
 
 WORKER = Path(__file__).resolve().parents[1] / "fakes" / "sleepy_worker.py"
 
@@ -261,21 +262,22 @@ def test_every_problem_is_reported_at_once(cli: Callable[..., Result], exp_root:
 
 def test_7b_checkpoint_estimate_is_plausible() -> None:
     recipe = load_recipe("7b").recipe
-    assert validation.parameter_count(recipe) == 7_615_616_512  # Qwen2.5-7B (HF safetensors total)
+    assert ModelShape.from_recipe(recipe).parameters == 7_615_616_512  # Qwen2.5-7B (HF safetensors total)
     assert 100e9 < validation.checkpoint_bytes(recipe) < 110e9  # 7.62e9 x 14 bytes = 106.6 GB
     bf16 = load_recipe("7b", ["precision.fp8=null"]).recipe
     assert validation.checkpoint_bytes(bf16) == validation.checkpoint_bytes(recipe)  # FP8 params saved as bf16
 
 
 def test_1_5b_parameter_count_has_tied_embeddings() -> None:
-    assert validation.parameter_count(load_recipe("1.5b").recipe) == 1_543_714_304  # Qwen2.5-1.5B
+    assert ModelShape.from_recipe(load_recipe("1.5b").recipe).parameters == 1_543_714_304  # Qwen2.5-1.5B
 
 
 def test_embedding_rows_are_padded_like_megatron() -> None:
-    tiny = load_recipe("tiny").recipe  # NullTokenizer: 32767 + EOD = 32768, already a multiple of 128
-    assert validation.embedding_rows(tiny) == 32768
-    odd = load_recipe("tiny", ["model.vocab_size=32768", "parallel.tensor_parallel=2"]).recipe
-    assert validation.embedding_rows(odd) == 33024  # 32769 rounded up to a multiple of 256
+    """Megatron's own rule is checked in test_megatron_parser.py::test_padded_vocab_rule_is_megatrons."""
+    tiny = load_recipe("tiny").recipe  # NullTokenizer: 32767 ids (EOD the last), padded to 32768
+    assert embedding_rows(tiny) == 32768
+    even = load_recipe("tiny", ["model.vocab_size=32768", "parallel.tensor_parallel=2"]).recipe
+    assert embedding_rows(even) == 32768  # already a multiple of 128 x 2: no row added for EOD
 
 
 def test_too_little_free_space_refuses_the_launch(cli: Callable[..., Result], launch_env: Path,

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt.bench import plan as bench
-from infir2_cpt.bench.plan import (BenchError, BenchRequest, Variant, VariantResult, classify_kernel, flops_per_sequence,
-                              gpu_peak, model_flops, parse_variant_spec, plan_bench, ratios, trace_breakdown,
+from infir2_cpt.errors import BenchError
+from infir2_cpt.bench.plan import (BenchRequest, Variant, VariantResult, classify_kernel,
+                              gpu_peak, parse_variant_spec, plan_bench, ratios, trace_breakdown,
                               variant_metrics)
 from infir2_cpt.recipe.shape import ModelShape
 from infir2_cpt.reports.runlog import parse_log
@@ -371,7 +372,7 @@ def test_metrics_from_megatron_log_lines():
     assert len(log.iterations) == 12 and log.saved == []
     assert bench.padded_vocab_from_log(MEGATRON_LOG) == 152064
     shape = ModelShape(8, 3584, 18944, 28, 4, 8192, 152064)
-    flops = model_flops(shape, 8)
+    flops = shape.flops_per_iteration(8)
     m = variant_metrics(log, warmup_steps=2, tokens_per_iteration=8 * 8192, world_size=1,
                         flops_per_iteration=flops, peak_tflops=989.0, loss_window=5)
     assert m["timed_iterations"] == 10  # iterations 1 and 2 (compilation, Megatron's averaged 2nd line) left out
@@ -452,20 +453,20 @@ def test_flop_formula_matches_megatron(recipe, layers, seq, gbs, exp_root, megat
     if args.padded_vocab_size is None:  # set by the tokenizer at run time; the NullTokenizer's, padded
         args.padded_vocab_size = vp.shape.padded_vocab_size
     assert vp.shape.padded_vocab_size == args.padded_vocab_size
-    ours = model_flops(vp.shape, gbs)
+    ours = vp.shape.flops_per_iteration(gbs)
     theirs = training.num_floating_point_operations(args, gbs)
     assert ours == pytest.approx(theirs, rel=1e-12)
 
 
 def test_flop_parts_of_the_7b_layer():
     shape = ModelShape(1, 3584, 18944, 28, 4, 8192, 152064)
-    parts = flops_per_sequence(shape)
+    parts = shape.flops_per_sequence()
     s, h = 8192, 3584
     assert parts["mlp"] == 6 * s * 3 * h * 18944
     assert parts["attention_projections"] == 6 * s * h * (3584 + 2 * 512 + 3584)
     assert parts["attention_core"] == 6 * s * s * 3584
     assert parts["logits"] == 6 * s * h * 152064
-    assert model_flops(shape, 2) == 2 * sum(parts.values())
+    assert shape.flops_per_iteration(2) == 2 * sum(parts.values())
 
 
 # --------------------------------------------------------------------------- table, JSON, PNG
@@ -677,7 +678,7 @@ def test_end_to_end_fidelity(tmp_path):
     assert len(fp8["iterations"]) == 200 and fp8["metrics"]["loss_window"] == 20
     # the HF tokenizer's vocabulary came from Megatron's 'padded vocab' line into the FLOP count
     assert fp8["metrics"]["flops_per_iteration"] == pytest.approx(
-        model_flops(ModelShape(4, 1024, 2816, 8, 2, 1024, 32000), 16))
+        ModelShape(4, 1024, 2816, 8, 2, 1024, 32000).flops_per_iteration(16))
     assert "within 1 %" in proc.stdout
     assert (tmp_path / "exp" / "fid" / "bench.png").read_bytes()[:4] == b"\x89PNG"
 

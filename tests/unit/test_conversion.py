@@ -305,7 +305,7 @@ def test_bench_and_conversion_share_one_model_shape():
                            shape.num_query_groups, shape.seq_length, shape.padded_vocab_size)
     assert flop_only.kv_channels is None and flop_only.head_dim == shape.kv_channels == 128
     assert flop_only.qkv_rows == shape.qkv_rows == 4608
-    assert bench.model_flops(flop_only, 8) == bench.model_flops(shape, 8)
+    assert flop_only.flops_per_iteration(8) == shape.flops_per_iteration(8)
     assert shape.problems() == []
     assert [str(p) for p in flop_only.problems()] == ["vocab_size: must be positive (got 0)"]
 

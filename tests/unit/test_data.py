@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from infir2_cpt.data import prepare as data
-from infir2_cpt.data.prepare import DataError, PrepareResult, WorkerError, inspect_data, prepare_data
+from infir2_cpt.errors import DataError, WorkerError
+from infir2_cpt.data.prepare import PrepareResult, inspect_data, prepare_data
 from toy_tokenizer import build_toy_tokenizer, toy_corpus_module, toy_documents
 
 DOCS = toy_documents(60)
@@ -390,7 +391,7 @@ def test_cli_errors_exit_2(tmp_path: Path, tok_dir: Path, cli: Any) -> None:
 
 def test_validation_hints_at_the_dataset_prefix(tmp_path: Path, tok_dir: Path) -> None:
     from infir2_cpt.layout import ExperimentPaths
-    from infir2_cpt.recipe.load import BlendEntry, Recipe
+    from infir2_cpt.recipe.schema import BlendEntry, Recipe
     from infir2_cpt.recipe.validate import check_files
 
     prefix = run([write_jsonl(tmp_path / "c.jsonl", [{"text": DOCS[0]}])], tok_dir, tmp_path / "toy").prefix

@@ -14,7 +14,8 @@ import pytest
 
 from infir2_cpt import checkpoints as ck
 from infir2_cpt.launch import plan as launch
-from infir2_cpt.launch.plan import LaunchError, LaunchPlan, LaunchRequest, plan_run
+from infir2_cpt.errors import LaunchError
+from infir2_cpt.launch.plan import LaunchPlan, LaunchRequest, plan_run
 
 
 def make_ckpt(ckpt_dir: Path, iteration: int, missing: tuple[str, ...] = ()) -> Path:

@@ -14,6 +14,7 @@ from infir2_cpt.launch.plan import LaunchRequest, plan_run
 from infir2_cpt.layout import ExperimentPaths
 from infir2_cpt.launch.megatron_args import LoadPlan, build_megatron_args
 from infir2_cpt.recipe.load import load_recipe, shipped_recipe_names
+from infir2_cpt.recipe.shape import ModelShape, embedding_rows
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,22 @@ def test_decay_recipe_via_build_megatron_args(name, exp_root, megatron_parse):
     world = recipe.launch.nnodes * recipe.launch.nproc_per_node
     args = megatron_parse(argv, world)
     assert args.ckpt_step == 35000 and args.train_iters == 40000 and args.override_opt_param_scheduler
+
+
+@pytest.mark.parametrize("vocab,tp,rows", [(32767, 1, 32768), (32768, 2, 32768), (32769, 1, 32896),
+                                           (151665, 2, 151808)])
+def test_padded_vocab_rule_is_megatrons(vocab, tp, rows, exp_root, megatron_parse):
+    """infir2's padded-vocabulary rule (recipe/shape.py) against Megatron's own: the recipe's arguments through
+    Megatron's parser, then the tokenizer built as megatron.training builds it, which sets padded_vocab_size. The
+    wheel's NullTokenizer has exactly --vocab-size ids (EOD is the last), so 32768 at TP 2 stays 32768."""
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    recipe = load_recipe("tiny", [f"model.vocab_size={vocab}", f"parallel.tensor_parallel={tp}"]).recipe
+    paths = ExperimentPaths.for_name(recipe.name)
+    args = megatron_parse(build_megatron_args(recipe, paths, LoadPlan(load_dir=paths.checkpoints)), tp)
+    build_tokenizer(args)
+    assert args.padded_vocab_size == rows
+    assert embedding_rows(recipe) == ModelShape.from_recipe(recipe).padded_vocab_size == rows
 
 
 def test_extra_args_last_one_wins(exp_root, megatron_parse):

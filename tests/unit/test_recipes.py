@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from infir2_cpt.launch.plan import LaunchRequest, load_request_recipe
-from infir2_cpt.recipe.load import (RECIPES_DIR, RecipeError, field_docs, load_raw, load_recipe, recipe_to_yaml,
+from infir2_cpt.errors import RecipeError
+from infir2_cpt.recipe.load import (RECIPES_DIR, field_docs, load_raw, load_recipe, recipe_to_yaml,
                                 shipped_recipe_names)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ SEED_ENV = {
 
 def test_shipped_recipes():
     assert set(shipped_recipe_names()) >= {"7b", "7b-decay", "1.5b", "1.5b-decay", "tiny"}
-    assert RECIPES_DIR == REPO / "recipes"
+    assert RECIPES_DIR == REPO / "src" / "infir2_cpt" / "recipe" / "recipes"
 
 
 @pytest.mark.parametrize("name", shipped_recipe_names())

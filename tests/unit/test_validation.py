@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt.launch.plan import LaunchError, LaunchRequest, plan_run
-from infir2_cpt.recipe.load import RecipeError, load_recipe
+from infir2_cpt.launch.plan import LaunchRequest, plan_run
+from infir2_cpt.errors import LaunchError, RecipeError
+from infir2_cpt.recipe.load import load_recipe
 from infir2_cpt.recipe.validate import check_config, check_gpu, parse_endpoint
 
 NO_GPU_PROBE = {"INFIR2_ENTRY": "tests.fakes.gloo_worker"}

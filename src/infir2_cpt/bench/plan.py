@@ -4,7 +4,7 @@ Each variant is one `infir2 train` run in a child process (torchrun -> infir2_cp
 pretrain), on mock data (or, with --fidelity, on a prepared dataset), one after the other, each in its own
 experiment folder exp/bench-<timestamp>/<variant>. Every figure comes from Megatron's own log lines
 (runlog.py): iteration time, Megatron's TFLOP/s/GPU, the memory report, the loss. On top of them this
-module computes tokens/s per GPU, model FLOPs with an explicit formula (model_flops), MFU against the
+module computes tokens/s per GPU, model FLOPs with an explicit formula (ModelShape.flops_per_sequence), MFU against the
 GPU's dense peak for the variant's precision, and ratios against a baseline variant (BF16).
 
 Also here: a time breakdown of a PyTorch-profiler trace by kernel category (trace_breakdown), used by
@@ -34,11 +34,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import yaml
 
-from ..launch.plan import ENTRY_ENV, LaunchError, LaunchPlan, LaunchRequest, format_command, plan_run
+from ..launch.plan import ENTRY_ENV, LaunchPlan, LaunchRequest, format_command, plan_run
 from ..layout import exp_root
 from .memory import REPORT_PHASES, snapshot_breakdown
 from ..recipe.shape import ModelShape
-from ..recipe.load import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, parse_set
+from ..errors import BenchError, LaunchError, Problem, RecipeError
+from ..recipe.schema import Recipe
+from ..recipe.load import apply_sets, build_recipe, load_raw, parse_set
 from ..recipe.validate import EXP_NAME_RE
 from ..reports.runlog import RunLog, parse_log
 
@@ -55,13 +57,6 @@ TRACE_GLOB = "torch_profile/rank-*.json*"
 MEMORY_SNAPSHOT_FILE = "memory_snapshot.pickle"
 
 
-class BenchError(Exception):
-    """Every problem found in a bench request, reported together (exit 2)."""
-
-    def __init__(self, problems: list[Problem], title: str = "infir2: cannot run the benchmark") -> None:
-        self.problems = problems
-        self.title = title
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 # --------------------------------------------------------------------------- variants
@@ -220,38 +215,7 @@ def select_variants(names: Sequence[str], always: Sequence[Variant] = (),
     return [known[n] for n in chosen]
 
 
-# --------------------------------------------------------------------------- FLOPs and peaks
-
-
-def flops_per_sequence(shape: ModelShape) -> dict[str, float]:
-    """Training FLOPs (forward + backward) of one sequence, by part.
-
-    Every matrix multiply of m x k by k x n costs 2mkn (multiply-add) in the forward pass and twice that in
-    the backward pass (data and weight gradients): 6mkn per training step. With s = sequence length,
-    h = hidden, q = heads x head_dim, g = query groups x head_dim, f = FFN size, V = padded vocabulary, L =
-    layers:
-      attention projections  6 s L h (q + 2g + q)   -- Q, K, V and the output projection
-      core attention         6 s^2 L q              -- QK^T and softmax(QK^T)V, 4 s^2 q forward, halved by
-                                                       the causal mask
-      MLP (SwiGLU)           6 s L 3 h f            -- gate and up (h -> 2f) and down (f -> h)
-      logits                 6 s h V                -- the output layer
-    Biases, norms, RoPE, softmax, activations, the embedding lookup and the loss are not counted. These
-    are the conventions of Megatron's own num_floating_point_operations (dense GPT, BSHD), so both give the
-    same number; tests/test_bench.py holds them equal.
-    """
-    s, h, L = shape.seq_length, shape.hidden_size, shape.num_layers
-    q, g = shape.q_size, shape.kv_size  # heads x head_dim, query groups x head_dim
-    return {
-        "attention_projections": 6.0 * s * L * h * (q + 2 * g + q),
-        "attention_core": 6.0 * s * s * L * q,
-        "mlp": 6.0 * s * L * 3 * h * shape.ffn_hidden_size,
-        "logits": 6.0 * s * h * shape.padded_vocab_size,
-    }
-
-
-def model_flops(shape: ModelShape, global_batch_size: int) -> float:
-    """Training FLOPs of one iteration (global batch) for `shape`; see flops_per_sequence."""
-    return global_batch_size * sum(flops_per_sequence(shape).values())
+# --------------------------------------------------------------------------- GPU peaks
 
 
 @dataclass(frozen=True)
@@ -531,16 +495,6 @@ def _exp_root_env(root: Path) -> Iterator[None]:
             os.environ["INFIR2_EXP_ROOT"] = old
 
 
-def _padded_vocab(recipe: Recipe) -> int:
-    """The output layer's rows: the recipe's padded_vocab_size, else Megatron's padding of the NullTokenizer
-    vocabulary (vocab_size + 1 for EOD) to a multiple of 128 x TP. For an HF tokenizer the log's
-    'padded vocab' line replaces it after the run."""
-    if recipe.model.padded_vocab_size:
-        return recipe.model.padded_vocab_size
-    multiple = 128 * recipe.parallel.tensor_parallel
-    return -(-(recipe.model.vocab_size + 1) // multiple) * multiple
-
-
 def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -> BenchPlan:
     """Resolve and validate every variant with infir2's own planner; raises BenchError listing every problem.
     Touches nothing: no folder is created, no GPU is used."""
@@ -598,7 +552,7 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
         world = r.launch.nnodes * r.launch.nproc_per_node
         plans.append(VariantPlan(variant=variant, sets=sets, extra_args=extra, launch=launch, train_iters=train_iters,
                                  tokens_per_iteration=r.parallel.global_batch_size * r.model.seq_length,
-                                 world_size=world, shape=ModelShape.from_recipe(r, padded_vocab_size=_padded_vocab(r)),
+                                 world_size=world, shape=ModelShape.from_recipe(r),
                                  fp8=r.precision.fp8))
     if req.baseline not in [v.name for v in variants]:
         warnings.append(Problem("--baseline", f"'{req.baseline}' is not among the variants run: no ratios",
@@ -908,12 +862,12 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
     vocab = padded_vocab_from_log(run.console)
     if vocab is not None and vp.launch.recipe.model.padded_vocab_size is None:
         shape = replace(shape, padded_vocab_size=vocab)
-    flops = model_flops(shape, vp.launch.recipe.parallel.global_batch_size)
+    flops = shape.flops_per_iteration(vp.launch.recipe.parallel.global_batch_size)
     metrics = variant_metrics(log, plan.request.warmup_steps if plan.mode == "speed" else 0,
                               vp.tokens_per_iteration, vp.world_size, flops, peak_for(peak, vp.fp8),
                               plan.request.loss_window)
     metrics["flops_per_iteration"] = flops
-    per_sequence = flops_per_sequence(shape)
+    per_sequence = shape.flops_per_sequence()
     metrics["flops_share"] = {k: v / sum(per_sequence.values()) for k, v in per_sequence.items()}
     if run.timed_out:
         status = "timed out"

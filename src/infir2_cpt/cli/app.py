@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Callable, NoReturn, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ..launch import plan as launcher
-from ..recipe.load import Problem, RecipeError, load_recipe, recipe_to_yaml, shipped_recipe_names, load_raw
+from ..errors import BenchError, Infir2Error, Problem, RecipeError
+from ..recipe.load import load_recipe, recipe_to_yaml, shipped_recipe_names, load_raw
+
+class _ReportingGroup(TyperGroup):
+    """The one place where a refusal becomes output: every Infir2Error a command raises is printed as its title
+    and its problems (key, bad value, what would be valid) on stderr, and the command exits with its status."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Infir2Error as exc:
+            print(exc, file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+
 
 app = typer.Typer(
+    cls=_ReportingGroup,
     name="infir2",
     help="FP8 continual pre-training of Qwen2.5 on Megatron: recipes, validation, launch, resume, decay.",
     no_args_is_help=True,
@@ -18,7 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_CONFIG = 2
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name (see `infir2 recipes`) or a YAML path.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -36,31 +50,15 @@ ExtraArg = Annotated[Optional[list[str]], typer.Argument(
     help="Megatron flags after `--`, appended last (last one wins).", show_default=False)]
 
 
-def fail(problems: list[Problem], title: str = "infir2: cannot launch") -> NoReturn:
-    print(f"{title}: {len(problems)} problem(s)", file=sys.stderr)
-    for problem in problems:
-        print(f"  - {problem}", file=sys.stderr)
-    raise typer.Exit(EXIT_CONFIG)
-
-
 def _run(req: launcher.LaunchRequest) -> None:
-    try:
-        plan = launcher.plan_run(req)
-    except RecipeError as exc:
-        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
-    except launcher.LaunchError as exc:
-        fail(exc.problems)
+    plan = launcher.plan_run(req)
     if req.dry_run:
         for warning in plan.findings.machine:
             print(f"warning: {warning}", file=sys.stderr)
         print(launcher.describe(plan))
         print(launcher.format_command(plan))
         return
-    from ..launch.locking import LockError
-    try:
-        launcher.execute(plan)
-    except LockError as exc:  # another launch writes this experiment
-        fail(exc.problems)
+    launcher.execute(plan)
 
 
 @app.command()
@@ -132,10 +130,7 @@ def list_recipes() -> None:
 @app.command()
 def show(recipe: RecipeOpt, sets: SetOpt = None) -> None:
     """Print the resolved recipe (extends merged, --set applied) as YAML."""
-    try:
-        loaded = load_recipe(recipe, sets or [])
-    except RecipeError as exc:
-        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
+    loaded = load_recipe(recipe, sets or [])
     print(recipe_to_yaml(loaded.recipe), end="")
 
 
@@ -164,13 +159,7 @@ def checkpoints_cmd(
     """
     from ..reports import curve as reports
 
-    try:
-        text = reports.checkpoints_report(exp, recipe=recipe, sets=sets or [], decay_from=decay_from)
-    except RecipeError as exc:
-        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
-    except reports.ReportError as exc:
-        fail(exc.problems, "infir2: cannot report checkpoints")
-    print(text)
+    print(reports.checkpoints_report(exp, recipe=recipe, sets=sets or [], decay_from=decay_from))
 
 
 @app.command("stop")
@@ -223,19 +212,10 @@ def schedule_cmd(
 
     from ..reports import curve as reports
 
-    try:
-        curve = reports.recipe_curve(recipe, sets or [], decay_from)
-    except RecipeError as exc:
-        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
-    except reports.ReportError as exc:
-        fail(exc.problems, "infir2: cannot draw the schedule")
+    curve = reports.recipe_curve(recipe, sets or [], decay_from)
     print(reports.schedule_report(curve, points))
     if png:
-        try:
-            written = reports.plot_png(curve, Path(png))
-        except (OSError, ValueError) as exc:
-            fail([Problem("--png", str(exc), png)], "infir2: cannot write the plot")
-        print(f"wrote {written}")
+        print(f"wrote {reports.plot_png(curve, Path(png))}")
 
 
 
@@ -279,11 +259,6 @@ def prepare_data_cmd(
     try:
         result = data.prepare_data([*(inputs or []), *(more_inputs or [])], tokenizer, output_prefix,
                                    text_key=text_key, workers=workers, append_eod=append_eod, strict=strict)
-    except data.DataError as exc:
-        fail(exc.problems, "infir2: cannot prepare data (nothing written)")
-    except data.WorkerError as exc:
-        print(f"infir2: prepare-data failed (nothing written): {exc}", file=sys.stderr)
-        raise typer.Exit(1)
     except KeyboardInterrupt:
         print("\ninfir2: prepare-data interrupted (nothing written)", file=sys.stderr)
         raise typer.Exit(130)
@@ -305,11 +280,7 @@ def inspect_data_cmd(
     """
     from ..data import prepare as data
 
-    try:
-        summary = data.inspect_data(prefix, tokenizer, n)
-    except data.DataError as exc:
-        fail(exc.problems, "infir2: cannot inspect data")
-    print(data.format_summary(summary))
+    print(data.format_summary(data.inspect_data(prefix, tokenizer, n)))
 
 
 
@@ -333,12 +304,8 @@ ConvertDryRunOpt = Annotated[bool, typer.Option(
 def _convert(planner: Callable[[Any], Any], req: Any) -> None:
     """Plan with one of convert_launch's planners, then print (--dry-run) or run the plan."""
     from ..convert import plan as convert_launch
-    from ..convert.mapping import ConversionError
 
-    try:
-        plan = planner(req)
-    except ConversionError as exc:
-        fail(exc.problems, exc.title)
+    plan = planner(req)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if req.dry_run:
@@ -523,7 +490,7 @@ def bench_cmd(
             try:
                 print(bench.format_trace_breakdown(bench.trace_breakdown(Path(trace))))
             except (OSError, ValueError) as exc:
-                fail([Problem("--breakdown", str(exc), trace)], "infir2: cannot read the trace")
+                raise BenchError([Problem("--breakdown", str(exc), trace)], "infir2: cannot read the trace") from None
         return
     if memory_breakdown:
         from pathlib import Path
@@ -534,11 +501,12 @@ def bench_cmd(
             try:
                 print(format_memory_breakdown(snapshot_breakdown(Path(snapshot))))
             except (OSError, ValueError, KeyError) as exc:
-                fail([Problem("--memory-breakdown", str(exc), snapshot)], "infir2: cannot read the memory snapshot")
+                raise BenchError([Problem("--memory-breakdown", str(exc), snapshot)],
+                                 "infir2: cannot read the memory snapshot") from None
         return
     if recipe is None:
-        fail([Problem("--recipe", "required (or --list-variants / --breakdown TRACE / --memory-breakdown SNAPSHOT)")],
-             "infir2: cannot run the benchmark")
+        raise BenchError([Problem("--recipe", "required (or --list-variants / --breakdown TRACE / "
+                                  "--memory-breakdown SNAPSHOT)")])
     req = bench.BenchRequest(
         recipe=recipe, variants=[v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None,
         variant_specs=variant_specs or [], variants_file=variants_file, layers=layers, seq=seq,
@@ -556,10 +524,6 @@ def bench_cmd(
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         report = bench.execute(plan)
-    except RecipeError as exc:
-        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
-    except bench.BenchError as exc:
-        fail(exc.problems, exc.title)
     except KeyboardInterrupt:  # also while planning, before any result exists
         where = f"; results so far: {plan.root / bench.RESULTS_FILE}" if plan is not None else ""
         print(f"\ninfir2: bench interrupted{where}", file=sys.stderr)
@@ -609,12 +573,7 @@ def sbatch_cmd(
         recipe=recipe, nodes=nodes, sets=sets or [], extra_args=extra or [], partition=partition,
         time=time_limit, gpus_per_node=gpus_per_node, exp=exp, port=port, signal_seconds=signal_seconds,
         exclusive=exclusive, sbatch_options=sbatch_options or [])
-    try:
-        script = slurm.emit(req, output)
-    except RecipeError as exc:
-        fail(exc.problems, f"infir2: invalid recipe {exc.source}")
-    except slurm.SlurmError as exc:
-        fail(exc.problems, exc.title)
+    script = slurm.emit(req, output)
     for warning in script.warnings:
         print(f"warning (on this host; the compute nodes may differ): {warning}", file=sys.stderr)
     if output is None:

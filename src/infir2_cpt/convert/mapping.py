@@ -40,8 +40,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..recipe.shape import ModelShape
-from ..recipe.load import Problem, Recipe
+from ..recipe.shape import ModelShape, embedding_rows
+from ..errors import ConversionError, Problem
+from ..recipe.schema import Recipe
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so that the CLI starts fast
 
@@ -53,7 +54,6 @@ SOURCE_CONFIG_FILE = "hf_config.json"  # hf-to-megatron keeps the source config.
 CONVERSION_RECORD = "conversion.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "generation_config.json", "chat_template.jinja")
-DEFAULT_MAKE_VOCAB_DIVISIBLE_BY = 128
 IGNORED_HF_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 # TE spec name -> local spec name (layer-relative)
@@ -63,36 +63,19 @@ LOCAL_SPEC_NAMES = {
 }
 
 
-class ConversionError(Exception):
-    """Every problem found, reported together (the CLI exits 2)."""
-
-    def __init__(self, problems: list[Problem], title: str = "cannot convert") -> None:
-        self.problems = problems
-        self.title = title
-        super().__init__(f"{title}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-# --------------------------------------------------------------------------- shape (ModelShape: model_shape.py)
-
-
-def megatron_padded_vocab(vocab_size: int, tensor_parallel: int,
-                          divisible_by: int = DEFAULT_MAKE_VOCAB_DIVISIBLE_BY) -> int:
-    """Megatron's own padding (--make-vocab-size-divisible-by times TP), used when --padded-vocab-size is unset."""
-    multiple = divisible_by * tensor_parallel
-    return int(math.ceil(vocab_size / multiple) * multiple)
+# --------------------------------------------------------------------------- shape (ModelShape: recipe/shape.py)
 
 
 def recipe_padded_vocab(recipe: Recipe) -> tuple[int | None, Problem | None]:
     """The embedding rows the recipe's training run will build, or why that cannot be known here.
 
-    model.padded_vocab_size when set; with NullTokenizer, Megatron's padding of model.vocab_size at the
-    recipe's TP; with a Hugging Face tokenizer Megatron pads the tokenizer's length, which need not match
-    the checkpoint, so the recipe must state the size."""
-    m = recipe.model
-    if m.padded_vocab_size is not None:
-        return m.padded_vocab_size, None
-    if recipe.tokenizer.type == "NullTokenizer":
-        return megatron_padded_vocab(m.vocab_size, recipe.parallel.tensor_parallel), None
+    embedding_rows (recipe/shape.py); with a Hugging Face tokenizer Megatron pads the tokenizer's length, which
+    need not match the checkpoint, so the recipe must state model.padded_vocab_size."""
+    rows = embedding_rows(recipe)
+    if rows is not None:
+        return rows, None
     return None, Problem("model.padded_vocab_size",
                          "must be set for a converted checkpoint: with a Hugging Face tokenizer Megatron would pad the "
                          "tokenizer's own length instead, and the embedding would not match the checkpoint's rows "

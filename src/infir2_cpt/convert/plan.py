@@ -24,7 +24,6 @@ from typing import Any
 from .. import checkpoints as ck
 from .mapping import (
     SOURCE_CONFIG_FILE,
-    ConversionError,
     check_hf_state_shapes,
     compare_hf_config_with_recipe,
     hf_tensor_shapes,
@@ -36,7 +35,9 @@ from ..launch.plan import flag_lines, resolve_env
 from ..layout import RECIPE_FILE
 from ..launch.megatron_args import model_args
 from ..recipe.shape import ModelShape
-from ..recipe.load import Problem, Recipe, RecipeError, load_recipe
+from ..errors import ConversionError, Problem, RecipeError
+from ..recipe.schema import Recipe
+from ..recipe.load import load_recipe
 from ..runtime.torchrun import GRACE_ENV
 from ..recipe.validate import nearest_existing
 

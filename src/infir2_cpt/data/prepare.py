@@ -44,7 +44,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..recipe.load import Problem
+from ..errors import DataError, Problem, WorkerError
 
 # suffix -> how the file is read; .json files are read as JSON Lines, like Megatron's own preprocessing
 INPUT_SUFFIXES: dict[str, str] = {
@@ -74,19 +74,8 @@ _MIN_UNIT_BYTES = 1 << 20
 _MAX_UNIT_BYTES = 64 << 20
 
 
-class DataError(Exception):
-    """A problem with the inputs, the tokenizer or the output; nothing final was written."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__(problems)  # args == (problems,): the error pickles across worker processes
-        self.problems = problems
-
-    def __str__(self) -> str:
-        return "; ".join(str(p) for p in self.problems)
 
 
-class WorkerError(RuntimeError):
-    """A worker process died or failed unexpectedly (a bug or the machine, not the inputs)."""
 
 
 # --------------------------------------------------------------------------- imports with side effects
@@ -978,7 +967,14 @@ def resolve_prefix(prefix: str | Path) -> str:
 
 
 def inspect_data(prefix: str | Path, tokenizer_dir: str | Path | None = None, n: int = 3) -> DatasetSummary:
-    """Documents, tokens, dtype and the first n documents (decoded when a tokenizer is given)."""
+    """Documents, tokens, dtype and the first n documents (decoded when a tokenizer is given). Raises DataError."""
+    try:
+        return _summarize(prefix, tokenizer_dir, n)
+    except DataError as exc:  # the same checks as prepare-data's, reported under this command's title
+        raise DataError(exc.problems, "infir2: cannot inspect data") from None
+
+
+def _summarize(prefix: str | Path, tokenizer_dir: str | Path | None, n: int) -> DatasetSummary:
     if n < 0:
         raise DataError([Problem("n", "must be >= 0", n)])
     path = resolve_prefix(prefix)

@@ -36,10 +36,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+
 
 from ..layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
-from ..recipe.load import Problem
+from ..errors import LockError
 
 LOCK_VERSION = 1
 # How long a reader waits for the holder to finish writing a lock it has just created (O_EXCL then write).
@@ -49,12 +49,6 @@ _GUARD_STALE_S = 60.0
 _ACQUIRE_ATTEMPTS = 20
 
 
-class LockError(Exception):
-    """The experiment is locked by someone else (or the lock cannot be read); exit 2 with `problems`."""
-
-    def __init__(self, message: str) -> None:
-        self.problems = [Problem("exp", message)]
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

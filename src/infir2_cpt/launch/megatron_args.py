@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..layout import ExperimentPaths
 from ..runtime.fp8_options import OPTIONS_ENV, RuntimeOptions
-from ..recipe.load import Recipe
+from ..recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

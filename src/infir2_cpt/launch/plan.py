@@ -25,8 +25,10 @@ from .. import checkpoints as ck
 from ..layout import (DECAY_SOURCE_FILE, DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, RECIPE_FILE, SCHEDULE_FILE,
                      ExperimentPaths, read_json_object)
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
+from ..errors import LaunchError, Problem
+from ..recipe.schema import Recipe
+from ..recipe.load import LoadedRecipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from ..runtime.fp8_options import OPTIONS_ENV
-from ..recipe.load import LoadedRecipe, Problem, Recipe, apply_sets, build_recipe, load_raw, recipe_to_yaml, resolve_recipe_path
 from ..runtime.torchrun import GRACE_ENV
 from ..recipe.validate import (Findings, check_config, check_cuda_graph_env, check_disk_space, check_files, check_gpu,
                          drop_consequences)
@@ -74,11 +76,6 @@ class LaunchPlan:
         return self.launcher + self.megatron_args
 
 
-class LaunchError(Exception):
-    def __init__(self, problems: list[Problem], warnings: list[Problem] | None = None) -> None:
-        self.problems = problems
-        self.warnings = warnings or []
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 # --------------------------------------------------------------------------- recipe for the request

@@ -41,8 +41,8 @@ from pathlib import Path
 
 from .. import checkpoints as ck
 from ..layout import stop_request_path
-from .plan import LaunchError, LaunchPlan, LaunchRequest, plan_run
-from ..recipe.load import Problem, RecipeError
+from .plan import LaunchPlan, LaunchRequest, plan_run
+from ..errors import LaunchError, Problem, RecipeError, SlurmError
 
 DEFAULT_PORT = 29400
 DEFAULT_SIGNAL_SECONDS = 300
@@ -54,13 +54,6 @@ _SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_./+=,@:-]+$")
 _OPTION_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 
 
-class SlurmError(Exception):
-    """Everything wrong with an `infir2 sbatch` request; exit 2 with `problems`."""
-
-    def __init__(self, problems: list[Problem], title: str = "infir2: cannot write the batch script") -> None:
-        self.problems = problems
-        self.title = title
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 @dataclass

@@ -1,15 +1,41 @@
-"""The model's shape: the one typed description of a Qwen2-style decoder that infir2 computes with.
+"""The model's shape: the one typed description of a Qwen2-style decoder that infir2 computes with, and every
+number derived from it: the padded vocabulary, the parameter count and the training FLOPs.
 
-Used by the FLOP count (bench.py) and by the HF <-> Megatron tensor mapping (conversion.py); derived from
-a recipe's `model` section by ModelShape.from_recipe. It lives in its own module so that neither user
-imports the other.
+Used by the free-space check (launch/preflight.py), the benchmark's MFU (bench/) and the HF <-> Megatron tensor
+mapping (convert/mapping.py); derived from a recipe's `model` section by ModelShape.from_recipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .load import Problem, Recipe
+from ..errors import Problem
+from .schema import Recipe
+
+# Megatron's --make-vocab-size-divisible-by; infir2 leaves it at its default.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int, tensor_parallel: int) -> int:
+    """Megatron's padding when --padded-vocab-size is not given: the tokenizer's vocabulary rounded up to a multiple
+    of 128 x TP (megatron-core 0.19.2, build_tokenizer -> vocab_size_with_padding)."""
+    multiple = VOCAB_MULTIPLE * max(tensor_parallel, 1)
+    return -(-vocab_size // multiple) * multiple
+
+
+def embedding_rows(recipe: Recipe) -> int | None:
+    """The rows of the run's embedding (and output layer) as far as the recipe decides them.
+
+    model.padded_vocab_size when set. Otherwise Megatron pads the tokenizer's vocabulary: with NullTokenizer that
+    is model.vocab_size itself (the wheel's NullTokenizer has exactly --vocab-size ids, the last one being EOD, so
+    no row is added), padded at the recipe's TP. With a Hugging Face tokenizer Megatron pads the tokenizer's own
+    length, which the recipe does not know: None."""
+    m = recipe.model
+    if m.padded_vocab_size is not None:
+        return m.padded_vocab_size
+    if recipe.tokenizer.type == "NullTokenizer":
+        return padded_vocab(m.vocab_size, recipe.parallel.tensor_parallel)
+    return None
 
 
 @dataclass(frozen=True)
@@ -35,11 +61,14 @@ class ModelShape:
     max_position_embeddings: int = 32768
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, padded_vocab_size: int, vocab_size: int | None = None) -> ModelShape:
-        """The recipe's model. The vocabulary sizes are passed in because they depend on more than the recipe:
-        the padded rows on the tokenizer or the checkpoint, the HF rows on the HF config (default: the
-        recipe's model.vocab_size)."""
+    def from_recipe(cls, recipe: Recipe, *, padded_vocab_size: int | None = None,
+                    vocab_size: int | None = None) -> ModelShape:
+        """The recipe's model. padded_vocab_size defaults to embedding_rows(recipe); with a Hugging Face
+        tokenizer and no model.padded_vocab_size, to model.vocab_size padded the same way (an estimate, exact when
+        model.vocab_size is the tokenizer's length). vocab_size (the HF rows) defaults to model.vocab_size."""
         m = recipe.model
+        if padded_vocab_size is None:
+            padded_vocab_size = embedding_rows(recipe) or padded_vocab(m.vocab_size, recipe.parallel.tensor_parallel)
         return cls(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
             num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
@@ -74,6 +103,46 @@ class ModelShape:
     @property
     def qkv_rows(self) -> int:
         return self.q_size + 2 * self.kv_size
+
+    @property
+    def parameters(self) -> int:
+        """Parameters of the GPT: per layer the QKV weight and bias, the attention output projection (no bias), the
+        SwiGLU fc1 (gate and up) and fc2, two RMSNorms; the embedding, the output layer when untied, the final
+        RMSNorm."""
+        h, ffn = self.hidden_size, self.ffn_hidden_size
+        per_layer = h * self.qkv_rows + self.qkv_rows + self.q_size * h + 3 * ffn * h + 2 * h
+        embedding = self.padded_vocab_size * h
+        output = 0 if self.tied_embeddings else embedding
+        return embedding + output + self.num_layers * per_layer + h
+
+    def flops_per_sequence(self) -> dict[str, float]:
+        """Training FLOPs (forward + backward) of one sequence, by part.
+
+        Every matrix multiply of m x k by k x n costs 2mkn (multiply-add) in the forward pass and twice that in
+        the backward pass (data and weight gradients): 6mkn per training step. With s = sequence length,
+        h = hidden, q = heads x head_dim, g = query groups x head_dim, f = FFN size, V = padded vocabulary,
+        L = layers:
+          attention projections  6 s L h (q + 2g + q)   -- Q, K, V and the output projection
+          core attention         6 s^2 L q              -- QK^T and softmax(QK^T)V, 4 s^2 q forward, halved by
+                                                           the causal mask
+          MLP (SwiGLU)           6 s L 3 h f            -- gate and up (h -> 2f) and down (f -> h)
+          logits                 6 s h V                -- the output layer
+        Biases, norms, RoPE, softmax, activations, the embedding lookup and the loss are not counted. These
+        are the conventions of Megatron's own num_floating_point_operations (dense GPT, BSHD), so both give the
+        same number; tests/unit/test_bench.py holds them equal.
+        """
+        s, h, L = self.seq_length, self.hidden_size, self.num_layers
+        q, g = self.q_size, self.kv_size
+        return {
+            "attention_projections": 6.0 * s * L * h * (q + 2 * g + q),
+            "attention_core": 6.0 * s * s * L * q,
+            "mlp": 6.0 * s * L * 3 * h * self.ffn_hidden_size,
+            "logits": 6.0 * s * h * self.padded_vocab_size,
+        }
+
+    def flops_per_iteration(self, global_batch_size: int) -> float:
+        """Training FLOPs of one iteration (global_batch_size sequences); see flops_per_sequence."""
+        return global_batch_size * sum(self.flops_per_sequence().values())
 
     def problems(self) -> list[Problem]:
         """Inconsistencies that make the HF <-> Megatron mapping impossible."""

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layout import ExperimentPaths
-from .load import FP8_RECIPES, WSD_DECAY_STYLES, Problem, Recipe
+from ..argv import last_value
+from ..errors import Problem
+from .schema import FP8_RECIPES, WSD_DECAY_STYLES, Recipe
+from .shape import ModelShape
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 FP8_BLOCK = 128
@@ -303,22 +306,11 @@ def check_name(recipe: Recipe, out: Findings) -> None:
                 "._+=- (starting with a letter or digit, at most 200 characters)", recipe.name)
 
 
-def _last_value(args: list[str], flag: str) -> str | None:
-    """The value the last `flag VALUE` or `flag=VALUE` in a Megatron argument list gives (argparse: last wins)."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def check_cuda_graph_env(megatron_args: list[str], env: dict[str, str], out: Findings) -> None:
     """Megatron refuses Transformer Engine CUDA graphs with expandable segments unless NCCL_GRAPH_REGISTER=0
     (illegal memory accesses otherwise); the shipped recipes set expandable segments. `env` is what the
     ranks will see: the user's environment with the recipe's variables applied."""
-    if _last_value(megatron_args, "--cuda-graph-impl") != "transformer_engine":
+    if last_value(megatron_args, "--cuda-graph-impl") != "transformer_engine":
         return
     if "expandable_segments:True" in env.get("PYTORCH_CUDA_ALLOC_CONF", "") and env.get("NCCL_GRAPH_REGISTER") != "0":
         out.add("env.NCCL_GRAPH_REGISTER", "--cuda-graph-impl transformer_engine with PYTORCH_CUDA_ALLOC_CONF="
@@ -413,39 +405,13 @@ OPTIMIZER_BYTES_PER_PARAM = 12
 WEIGHT_BYTES_PER_PARAM = 2
 
 
-def embedding_rows(recipe: Recipe) -> int:
-    """Rows of the embedding (and output) matrix: padded_vocab_size, else Megatron's padding of the vocab
-    (NullTokenizer adds an EOD token) to a multiple of 128 x TP."""
-    m = recipe.model
-    if m.padded_vocab_size:
-        return m.padded_vocab_size
-    rows = m.vocab_size + (1 if recipe.tokenizer.type == "NullTokenizer" else 0)
-    multiple = 128 * max(recipe.parallel.tensor_parallel, 1)
-    return -(-rows // multiple) * multiple
-
-
-def parameter_count(recipe: Recipe) -> int:
-    """Parameters of the Qwen2.5-shaped GPT the recipe describes (GQA with QKV bias, SwiGLU, RMSNorm)."""
-    m = recipe.model
-    h, ffn = m.hidden_size, m.ffn_hidden_size
-    kv_channels = h // max(m.num_attention_heads, 1)
-    qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * kv_channels
-    per_layer = (h * qkv_width + qkv_width  # QKV weight + bias
-                 + m.num_attention_heads * kv_channels * h  # attention output projection (no bias)
-                 + 2 * ffn * h + ffn * h  # SwiGLU fc1 (gate and up) and fc2
-                 + 2 * h)  # RMSNorm before attention and before the MLP
-    embedding = embedding_rows(recipe) * h
-    output = embedding if m.untie_embeddings else 0
-    return embedding + output + m.num_layers * per_layer + h  # + final RMSNorm
-
-
 def checkpoint_bytes(recipe: Recipe) -> int:
     """Size of one checkpoint: weights and the optimizer state."""
-    return parameter_count(recipe) * (WEIGHT_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM)
+    return ModelShape.from_recipe(recipe).parameters * (WEIGHT_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM)
 
 
 def checkpoint_estimate_text(recipe: Recipe) -> str:
-    params = parameter_count(recipe)
+    params = ModelShape.from_recipe(recipe).parameters
     return (f"{checkpoint_bytes(recipe) / 1e9:.1f} GB ({params / 1e9:.2f}B parameters x "
             f"{WEIGHT_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM} bytes: bf16 weights {WEIGHT_BYTES_PER_PARAM} + "
             f"fp32 Adam main params, exp_avg, exp_avg_sq {OPTIMIZER_BYTES_PER_PARAM})")

@@ -10,23 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+
 
 import yaml
 
 from .. import checkpoints as ck
 from ..layout import DECAY_SOURCE_FILE, RECIPE_FILE, SCHEDULE_FILE, ExperimentPaths, exp_root, read_json_object
-from ..recipe.load import Problem, Recipe, RecipeError, apply_sets, build_recipe, load_raw, resolve_recipe_path
+from ..errors import Problem, RecipeError, ReportError
+from ..recipe.schema import Recipe
+from ..recipe.load import apply_sets, build_recipe, load_raw, resolve_recipe_path
 from ..recipe.schedule import WSDSchedule
 from ..recipe.validate import Findings, check_schedule
 
 
 
-class ReportError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
 
+
+DECAY_FROM_TITLE = "infir2: invalid --decay-from"
 
 # --------------------------------------------------------------------------- curves
 
@@ -161,14 +161,17 @@ def recipe_curve(ref: str, sets: list[str] | None = None, decay_from: int | None
     if decay_from is None:
         if recipe.phase == "decay":
             raise ReportError([Problem("--decay-from", f"'{ref}' is a decay recipe: it anneals from a checkpoint "
-                                       "of the stable run; give that iteration with --decay-from K")])
+                                       "of the stable run; give that iteration with --decay-from K")],
+                              DECAY_FROM_TITLE)
         return Curve(f"recipe {ref} (experiment {recipe.name})", schedule_of(recipe), recipe.model.seq_length,
                      source=f"recipe {ref}")
     if decay_from < 1:
-        raise ReportError([Problem("--decay-from", "must be >= 1 (Megatron ignores --ckpt-step 0)", decay_from)])
+        raise ReportError([Problem("--decay-from", "must be >= 1 (Megatron ignores --ckpt-step 0)", decay_from)],
+                          DECAY_FROM_TITLE)
     if decay_from >= recipe.schedule.train_iters:
         raise ReportError([Problem("--decay-from", f"is at or past the stable recipe's train_iters "
-                                   f"({recipe.schedule.train_iters}): that run has already decayed", decay_from)])
+                                   f"({recipe.schedule.train_iters}): that run has already decayed", decay_from)],
+                          DECAY_FROM_TITLE)
     stable = _stable_recipe(ref, sets)
     return Curve(f"decay of recipe {ref} from iteration {decay_from} (experiment {recipe.name})",
                  decay_schedule(schedule_of(recipe), decay_from), recipe.model.seq_length, decay_from,
@@ -505,7 +508,15 @@ PHASE_COLORS = {"warmup": "#f5b041", "stable": "#5dade2", "decay": "#ec7063"}
 
 
 def plot_png(curve: Curve, path: Path, max_points: int = 4000) -> Path:
-    """The curve as a PNG (matplotlib, Agg backend) with the phases shaded."""
+    """The curve as a PNG (matplotlib, Agg backend) with the phases shaded. Raises ReportError when it cannot
+    be written."""
+    try:
+        return _plot_png(curve, path, max_points)
+    except (OSError, ValueError) as exc:
+        raise ReportError([Problem("--png", str(exc), str(path))], "infir2: cannot write the plot") from None
+
+
+def _plot_png(curve: Curve, path: Path, max_points: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)

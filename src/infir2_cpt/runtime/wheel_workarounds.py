@@ -15,18 +15,14 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from ..argv import last_value, with_last_value
+
 APEX_WGRAD_MODULE = "fused_weight_gradient_mlp_cuda"
 
 
 def apex_wgrad_fusion_available() -> bool:
     """APEX's module, or infir2's stand-in for it (wgrad_fusion.py) once registered."""
     return APEX_WGRAD_MODULE in sys.modules or importlib.util.find_spec(APEX_WGRAD_MODULE) is not None
-
-
-def _value_after(argv: list[str], flag: str) -> int | None:
-    """Index of the value of the last occurrence of `flag` (argparse: last one wins)."""
-    positions = [i for i, arg in enumerate(argv) if arg == flag]
-    return positions[-1] + 1 if positions and positions[-1] + 1 < len(argv) else None
 
 
 def adjust_megatron_argv(argv: list[str], apex_available: bool | None = None) -> tuple[list[str], list[str]]:
@@ -39,9 +35,8 @@ def adjust_megatron_argv(argv: list[str], apex_available: bool | None = None) ->
         argv.append("--no-gradient-accumulation-fusion")
         notes.append(f"APEX's {APEX_WGRAD_MODULE} is not installed: added --no-gradient-accumulation-fusion "
                      "(INFIR2_WGRAD_FUSION=1 keeps the fusion with infir2's stand-in)")
-    index = _value_after(argv, "--cross-entropy-fusion-impl")
-    if index is not None and argv[index] == "te":
-        argv[index] = "native"
+    if last_value(argv, "--cross-entropy-fusion-impl") == "te":
+        argv = with_last_value(argv, "--cross-entropy-fusion-impl", "native")
         notes.append("megatron-core 0.19.2 refuses --cross-entropy-fusion-impl te: using native")
     return argv, notes
 
