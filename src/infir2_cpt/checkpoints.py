@@ -177,6 +177,25 @@ def write_tracker(ckpt_dir: Path, iteration: int | None) -> Path | None:
 
 
 @dataclass(frozen=True)
+class TrackerRepair:
+    """A tracker the launcher fixes before Megatron reads it: rewritten to `iteration`, or (None) set aside so that
+    Megatron starts fresh. The old tracker is kept beside it."""
+
+    ckpt_dir: Path
+    iteration: int | None
+
+    def describe(self) -> str:
+        return (f"the tracker will be set aside and rewritten to {self.iteration}" if self.iteration is not None
+                else "the tracker will be set aside so that Megatron starts fresh")
+
+    def apply(self) -> str:
+        """Do it; returns what was done, for the launch's output."""
+        backup = write_tracker(self.ckpt_dir, self.iteration)
+        done = f"rewrote {TRACKER} -> {self.iteration}" if self.iteration is not None else f"set {TRACKER} aside"
+        return f"{done} (old one kept as {backup})"
+
+
+@dataclass(frozen=True)
 class LoadTarget:
     """A checkpoint named on the command line (`--load iter_0035000` or a path), in Megatron's terms."""
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt.launch import plan as launch
-from infir2_cpt.launch.plan import LaunchRequest, plan_run
+from infir2_cpt.launch.execute import format_command
+from infir2_cpt.launch.plan import LaunchEnv, LaunchRequest, plan_run
 from infir2_cpt.runtime.wheel_workarounds import adjust_megatron_argv, apex_wgrad_fusion_available
 
 
@@ -74,12 +75,8 @@ def test_dataset_helper_compilation_is_skipped_and_helpers_are_real() -> None:
 
 
 def _tiny_megatron_argv(tmp_path: Path, *sets: str) -> list[str]:
-    os.environ["INFIR2_EXP_ROOT"] = str(tmp_path / "exp")
-    try:
-        plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=list(sets)),
-                        environ={**os.environ, "INFIR2_ENTRY": "x"})
-    finally:
-        del os.environ["INFIR2_EXP_ROOT"]
+    env = LaunchEnv.read({**os.environ, "INFIR2_EXP_ROOT": str(tmp_path / "exp"), "INFIR2_GPU_CHECK": "0"})
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=list(sets)), env)
     return plan.megatron_args
 
 
@@ -148,7 +145,7 @@ def test_console_tee_copies_everything_and_survives_group_signals(tmp_path: Path
     code = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from infir2_cpt.launch.plan import start_console_tee
+        from infir2_cpt.launch.execute import start_console_tee
         print("before exec", flush=True)
         start_console_tee(Path({str(log_file)!r}))
         os.execvp("bash", ["bash", "-c", "echo from-exec; (echo from-child >&2); kill -TERM 0; echo after-signal"])
@@ -197,6 +194,6 @@ def test_shlex_roundtrip_of_dry_run_command(tmp_path: Path) -> None:
         plan = plan_run(LaunchRequest(recipe="7b", dry_run=True, sets=["data.blend=[{path: '/data/a b', weight: 1.0}]"]))
     finally:
         del os.environ["INFIR2_EXP_ROOT"]
-    text = launch.format_command(plan)
+    text = format_command(plan)
     command_text = "\n".join(line for line in text.splitlines() if not line.startswith("export "))
     assert shlex.split(command_text.replace("\\\n", " ")) == plan.command

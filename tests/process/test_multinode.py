@@ -202,7 +202,7 @@ def _start(nodes: Nodes, index: int, *, port: int, exp: str, tmp_path: Path, joi
             "--rdzv-endpoint", f"{nodes.head}:{port}", "--exp", exp,
             "--set", f"launch.join_timeout={join_timeout}"]
     env = dict(os.environ)
-    env.update({"INFIR2_ENTRY": str(WORKER), "INFIR2_EXP_ROOT": str(tmp_path / "exp"),
+    env.update({"INFIR2_ENTRY": str(WORKER), "INFIR2_GPU_CHECK": "0", "INFIR2_EXP_ROOT": str(tmp_path / "exp"),
                 "MULTINODE_OUT": str(tmp_path / f"ranks-{exp}"), "OMP_NUM_THREADS": "1",
                 # two nodes on one GPU host must not share GPUs (the lock refuses that); the stand-in uses none
                 "CUDA_VISIBLE_DEVICES": f"none-node{index}"})
@@ -314,13 +314,12 @@ def test_node_that_never_arrives(best_nodes: Nodes, tmp_path: Path) -> None:
 def test_rendezvous_options_are_read_from_the_launch_command(monkeypatch, tmp_path: Path) -> None:
     """infir2_cpt.runtime.torchrun finds the endpoint and join_timeout in the command launch.py writes (if the
     format changed, the bounded wait for the first node would silently stop applying)."""
-    from infir2_cpt.launch.plan import LaunchRequest, plan_run
+    from infir2_cpt.launch.plan import LaunchEnv, LaunchRequest, plan_run
     from infir2_cpt.runtime.rendezvous import parse_args
 
-    monkeypatch.setenv("INFIR2_EXP_ROOT", str(tmp_path / "exp"))
+    env = LaunchEnv.read({"INFIR2_EXP_ROOT": str(tmp_path / "exp"), "INFIR2_ENTRY": str(WORKER), "INFIR2_GPU_CHECK": "0"})
     plan = plan_run(LaunchRequest(recipe="tiny", nnodes=2, nproc_per_node=2, rdzv_endpoint="node0.example:29411",
-                                  exp="parse", sets=["launch.join_timeout=42"], dry_run=True),
-                    {"INFIR2_ENTRY": str(WORKER)})
+                                  exp="parse", sets=["launch.join_timeout=42"], dry_run=True), env)
     args = parse_args(plan.launcher[plan.launcher.index("infir2_cpt.runtime.torchrun") + 1:] + plan.megatron_args)
     assert args is not None
     assert (args.host, args.port, args.join_timeout, args.max_nodes) == ("node0.example", 29411, 42, 2)

@@ -3,7 +3,7 @@ free space checked before launch; the wall-clock budget; signals and the experim
 
 Bad inputs go through the real CLI (typer's CliRunner on infir2_cpt.cli.app). Problems of the machine
 (missing files, a checkpoint that is not there, too little disk) only warn in --dry-run, so those cases
-launch for real, with INFIR2_ENTRY pointing at a stand-in worker (which also skips the GPU checks) and
+launch for real, with INFIR2_ENTRY pointing at a stand-in worker (and INFIR2_GPU_CHECK=0: no GPU checks) and
 with execute() replaced by a tripwire: a refusal must come before anything is written or exec'd.
 The signal tests start `infir2 train` as a process and signal it; docs/reliability.md lists them all.
 """
@@ -23,9 +23,10 @@ from typing import Callable
 import pytest
 from click.testing import Result
 
+from infir2_cpt.launch import execute
 from infir2_cpt.launch import plan as launch
 from infir2_cpt.launch import locking
-from infir2_cpt.recipe import validate as validation
+from infir2_cpt.launch import preflight
 from infir2_cpt.layout import ExperimentPaths
 from infir2_cpt.recipe.load import load_recipe
 from infir2_cpt.recipe.shape import ModelShape, embedding_rows
@@ -66,7 +67,8 @@ def launch_env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         raise AssertionError(f"the launch was not refused: it reached execute() for {plan.paths.root}")
 
     monkeypatch.setenv("INFIR2_ENTRY", str(WORKER))
-    monkeypatch.setattr(launch, "execute", tripwire)
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
+    monkeypatch.setattr(execute, "execute", tripwire)
     return exp_root
 
 
@@ -263,9 +265,9 @@ def test_every_problem_is_reported_at_once(cli: Callable[..., Result], exp_root:
 def test_7b_checkpoint_estimate_is_plausible() -> None:
     recipe = load_recipe("7b").recipe
     assert ModelShape.from_recipe(recipe).parameters == 7_615_616_512  # Qwen2.5-7B (HF safetensors total)
-    assert 100e9 < validation.checkpoint_bytes(recipe) < 110e9  # 7.62e9 x 14 bytes = 106.6 GB
+    assert 100e9 < preflight.checkpoint_bytes(recipe) < 110e9  # 7.62e9 x 14 bytes = 106.6 GB
     bf16 = load_recipe("7b", ["precision.fp8=null"]).recipe
-    assert validation.checkpoint_bytes(bf16) == validation.checkpoint_bytes(recipe)  # FP8 params saved as bf16
+    assert preflight.checkpoint_bytes(bf16) == preflight.checkpoint_bytes(recipe)  # FP8 params saved as bf16
 
 
 def test_1_5b_parameter_count_has_tied_embeddings() -> None:
@@ -288,8 +290,8 @@ def test_too_little_free_space_refuses_the_launch(cli: Callable[..., Result], la
         asked.append(path)
         return 10**9
 
-    monkeypatch.setattr(validation, "free_bytes", free)
-    need = validation.checkpoint_bytes(load_recipe("tiny").recipe)
+    monkeypatch.setattr(preflight, "free_bytes", free)
+    need = preflight.checkpoint_bytes(load_recipe("tiny").recipe)
     assert need > 10**9
     result = cli("train", "--recipe", "tiny")
     assert_refused(result, "checkpoint: not enough free space for one checkpoint",
@@ -300,7 +302,7 @@ def test_too_little_free_space_refuses_the_launch(cli: Callable[..., Result], la
 
 def test_too_little_free_space_only_warns_in_a_dry_run(cli: Callable[..., Result], exp_root: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(validation, "free_bytes", lambda path: 10**9)
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 10**9)
     result = cli("train", "--recipe", "7b", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "warning: checkpoint: not enough free space for one checkpoint: it needs about 106.6 GB" in result.stderr
@@ -310,7 +312,7 @@ def test_too_little_free_space_only_warns_in_a_dry_run(cli: Callable[..., Result
 
 def test_enough_free_space_passes_and_the_estimate_is_described(cli: Callable[..., Result], exp_root: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(validation, "free_bytes", lambda path: 10**13)
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 10**13)
     result = cli("train", "--recipe", "tiny", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "not enough free space" not in result.stderr
@@ -351,8 +353,9 @@ def test_a_second_launch_is_refused_naming_the_holder(cli: Callable[..., Result]
         raise AssertionError("exec'd although the experiment is locked")
 
     monkeypatch.setenv("INFIR2_ENTRY", str(WORKER))
-    monkeypatch.setattr(launch.os, "execve", no_exec)
-    monkeypatch.setattr(launch, "start_console_tee", no_exec, raising=False)
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
+    monkeypatch.setattr(execute.os, "execve", no_exec)
+    monkeypatch.setattr(execute, "start_console_tee", no_exec, raising=False)
     holder = _lock_holder(exp_root, "tiny")
     try:
         before = snapshot(exp_root)
@@ -394,6 +397,7 @@ class Launch:
         self.out = tmp_path / "out"
         self.log = tmp_path / f"launch-{tag}.log"
         full_env = {**os.environ, "INFIR2_EXP_ROOT": str(tmp_path / "exp"), "INFIR2_ENTRY": str(WORKER),
+                    "INFIR2_GPU_CHECK": "0",
                     "SLEEPY_OUT": str(self.out), **env}
         full_env.pop("INFIR2_EXP_DIR", None)
         with open(self.log, "wb") as log:

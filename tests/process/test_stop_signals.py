@@ -53,6 +53,7 @@ class Run:
         self.out = tmp_path / f"out-{tag}"
         self.log = tmp_path / f"launch-{tag}.log"
         full_env = {**os.environ, "INFIR2_EXP_ROOT": str(tmp_path / "exp"), "INFIR2_ENTRY": str(WORKER),
+                    "INFIR2_GPU_CHECK": "0",
                     "SAVER_OUT": str(self.out), "SAVER_SAVE_INTERVAL": "20", **env}
         full_env.pop("INFIR2_EXP_DIR", None)
         args = ["--recipe", "tiny", "--exp", EXP, "--nproc-per-node", str(nproc),

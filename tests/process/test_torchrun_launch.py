@@ -1,6 +1,6 @@
 """A real launch on the CPU, through the same code path as a GPU run: `infir2 train` plans, writes exp/<name>/,
 execs torchrun (c10d rendezvous, 1 node x 2 processes), and torchrun starts tests/fakes/gloo_worker.py
-in place of the Megatron entry (INFIR2_ENTRY, which also skips the GPU probe). Each worker joins a gloo
+in place of the Megatron entry (INFIR2_ENTRY; INFIR2_GPU_CHECK=0 skips the GPU probe). Each worker joins a gloo
 group, all-reduces, and reports its ranks, its environment and its arguments."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def free_port() -> int:
 def launch(exp_root: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NCCL_NVLS_ENABLE")}
-    env.update(INFIR2_EXP_ROOT=str(exp_root), INFIR2_ENTRY=str(WORKER), **(extra_env or {}))
+    env.update(INFIR2_EXP_ROOT=str(exp_root), INFIR2_ENTRY=str(WORKER), INFIR2_GPU_CHECK="0", **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "infir2_cpt.cli", "train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
 

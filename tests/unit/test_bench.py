@@ -19,6 +19,7 @@ import pytest
 
 from infir2_cpt.bench import plan as bench
 from infir2_cpt.errors import BenchError
+from infir2_cpt.launch.plan import LaunchEnv
 from infir2_cpt.bench.plan import (BenchRequest, Variant, VariantResult, classify_kernel,
                               gpu_peak, parse_variant_spec, plan_bench, ratios, trace_breakdown,
                               variant_metrics)
@@ -38,7 +39,7 @@ def _value(argv: list[str], flag: str) -> str:
 
 def _plan(exp_root: Path, **kwargs) -> bench.BenchPlan:
     kwargs.setdefault("dry_run", True)
-    return plan_bench(BenchRequest(**kwargs), environ={**os.environ, "INFIR2_EXP_ROOT": str(exp_root)})
+    return plan_bench(BenchRequest(**kwargs), LaunchEnv.read({**os.environ, "INFIR2_EXP_ROOT": str(exp_root)}))
 
 
 def _by_name(plan: bench.BenchPlan) -> dict[str, bench.VariantPlan]:
@@ -255,7 +256,7 @@ def test_existing_experiment_folder_is_refused_for_a_real_run(exp_root):
     (exp_root / "bench-x" / "bf16").mkdir(parents=True)
     with pytest.raises(BenchError) as err:
         plan_bench(BenchRequest(recipe="tiny", exp_name="bench-x", variants=["bf16"]),
-                   environ={**os.environ, "INFIR2_ENTRY": str(FAKE_ENTRY)})
+                   LaunchEnv.read({**os.environ, "INFIR2_ENTRY": str(FAKE_ENTRY), "INFIR2_GPU_CHECK": "0"}))
     assert "already exists" in str(err.value)
 
 
@@ -615,7 +616,8 @@ def test_cli_lists_variants(cli):
 def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    full_env.update(INFIR2_EXP_ROOT=str(tmp_path / "exp"), INFIR2_ENTRY=str(FAKE_ENTRY), **(env or {}))
+    full_env.update(INFIR2_EXP_ROOT=str(tmp_path / "exp"), INFIR2_ENTRY=str(FAKE_ENTRY), INFIR2_GPU_CHECK="0",
+                    **(env or {}))
     return subprocess.run([sys.executable, "-m", "infir2_cpt.cli", "bench", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=400)
 
@@ -736,8 +738,8 @@ def test_end_to_end_a_hung_variant_is_stopped_at_the_timeout(tmp_path):
 
 
 def test_no_gpu_exits_2_before_anything_is_written(cli, exp_root, monkeypatch):
-    """Without INFIR2_ENTRY the GPU is probed (in a child process) before any variant starts."""
-    monkeypatch.delenv("INFIR2_ENTRY", raising=False)
+    """Without INFIR2_GPU_CHECK=0 the GPU is probed (in a child process) before any variant starts."""
+    monkeypatch.delenv("INFIR2_GPU_CHECK", raising=False)
     calls = []
 
     def probe(checks):

@@ -6,14 +6,13 @@ __0_0.distcp; a partial one lacks one of the two metadata files (Megatron writes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from infir2_cpt import checkpoints as ck
+from infir2_cpt.launch.execute import write_records
 from infir2_cpt.launch.plan import LaunchPlan, LaunchRequest, plan_run
-from infir2_cpt.recipe.load import recipe_to_yaml
 from infir2_cpt.recipe.schedule import WSDSchedule
 
 # --------------------------------------------------------------------------- fake trees
@@ -230,8 +229,8 @@ def test_write_tracker_none_only_sets_aside(ckpts: Path) -> None:
 
 @pytest.fixture
 def launch_env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """INFIR2_EXP_ROOT=tmp and INFIR2_ENTRY set (no GPU checks)."""
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
+    """INFIR2_EXP_ROOT=tmp and INFIR2_GPU_CHECK=0 (no GPU checks)."""
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
     return exp_root
 
 
@@ -256,7 +255,7 @@ def test_fresh_start_without_base_model(launch_env: Path) -> None:
     assert "--exit-on-missing-checkpoint" not in args  # nothing is expected: random init is the intent
     assert "--override-opt_param-scheduler" not in args
     assert flag_value(args, "--train-iters") == "300" and flag_value(args, "--lr-warmup-iters") == "30"
-    assert plan.tracker_repair is None
+    assert plan.start.repair is None
     assert any("random initialization" in n for n in plan.notes)
     assert not (launch_env / "tiny").exists()  # planning touches nothing
 
@@ -275,7 +274,7 @@ def test_resume_from_the_tracker(launch_env: Path) -> None:
     assert "--override-opt_param-scheduler" not in args  # same schedule: Megatron checks it is unchanged
     assert "--no-load-optim" not in args  # the seed's flag that restarted the warmup on every resume
     assert flag_value(args, "--train-iters") == "300"
-    assert plan.tracker_repair is None
+    assert plan.start.repair is None
     assert any(f"resuming from {ckpt_dir / 'iter_0000200'}" in n for n in plan.notes)
 
 
@@ -289,7 +288,7 @@ def test_resume_with_ckpt_step_fallback(launch_env: Path) -> None:
     assert flag_value(args, "--load") == str(ckpt_dir)
     assert flag_value(args, "--ckpt-step") == "100"
     assert "--exit-on-missing-checkpoint" in args
-    assert plan.tracker_repair is None
+    assert plan.start.repair is None
     assert any("iter_0000200, which is incomplete" in n and "iter_0000100" in n for n in plan.notes)
 
 
@@ -299,7 +298,7 @@ def test_missing_tracker_resumes_with_ckpt_step(launch_env: Path) -> None:
     plan = plan_tiny()
     assert flag_value(plan.megatron_args, "--ckpt-step") == "100"
     assert "--exit-on-missing-checkpoint" in plan.megatron_args
-    assert plan.tracker_repair is None
+    assert plan.start.repair is None
 
 
 def test_garbled_tracker_plans_a_repair(launch_env: Path) -> None:
@@ -308,12 +307,12 @@ def test_garbled_tracker_plans_a_repair(launch_env: Path) -> None:
     make_ckpt(ckpt_dir, 200)
     set_tracker(ckpt_dir, "")  # truncated by a crash during Megatron's plain open('w')
     plan = plan_tiny()
-    assert plan.tracker_repair == (ckpt_dir, 200)
+    assert plan.start.repair == ck.TrackerRepair(ckpt_dir, 200)
     assert flag_value(plan.megatron_args, "--ckpt-step") == "200"
     assert "--exit-on-missing-checkpoint" in plan.megatron_args
     assert any("rewritten to 200" in n for n in plan.notes)
     assert (ckpt_dir / ck.TRACKER).read_text() == ""  # a plan does not repair; execute() does
-    ck.write_tracker(*plan.tracker_repair)  # what execute() does before exec
+    plan.start.repair.apply()  # what execute() does before exec
     assert ck.find_resume_point(ckpt_dir).ckpt_step is None
 
 
@@ -366,7 +365,7 @@ def test_pretrained_used_when_the_run_has_only_partial_checkpoints(launch_env: P
     plan = plan_tiny(f"checkpoint.pretrained={base}")
     assert flag_value(plan.megatron_args, "--pretrained-checkpoint") == str(base)
     assert "--exit-on-missing-checkpoint" in plan.megatron_args
-    assert plan.tracker_repair is None  # no tracker: Megatron falls through to --pretrained-checkpoint
+    assert plan.start.repair is None  # no tracker: Megatron falls through to --pretrained-checkpoint
 
 
 @pytest.mark.parametrize("tracker", ["100", "garbage"])
@@ -379,11 +378,11 @@ def test_stale_tracker_is_set_aside_for_a_fresh_start(launch_env: Path, tmp_path
     make_ckpt(ckpt_dir, 100, missing=("metadata.json",))
     set_tracker(ckpt_dir, tracker)
     plan = plan_tiny(f"checkpoint.pretrained={base}")
-    assert plan.tracker_repair == (ckpt_dir, None)
+    assert plan.start.repair == ck.TrackerRepair(ckpt_dir, None)
     assert flag_value(plan.megatron_args, "--pretrained-checkpoint") == str(base)
     assert "--ckpt-step" not in plan.megatron_args
     assert any("set aside" in n for n in plan.notes)
-    ck.write_tracker(*plan.tracker_repair)
+    plan.start.repair.apply()
     assert not (ckpt_dir / ck.TRACKER).exists()
 
 
@@ -427,10 +426,7 @@ def test_train_dry_run_prints_the_decision(launch_env: Path, cli) -> None:  # ty
 def record_launch(plan: LaunchPlan) -> None:
     """What launch.execute writes into exp/<name>/ before exec (without exec'ing)."""
     plan.paths.make_dirs()
-    (plan.paths.root / "recipe.yaml").write_text(recipe_to_yaml(plan.recipe))
-    (plan.paths.root / "schedule.json").write_text(json.dumps(plan.schedule_record, indent=2) + "\n")
-    if plan.decay_source is not None:
-        (plan.paths.root / "decay_source.json").write_text(json.dumps(plan.decay_source, indent=2) + "\n")
+    write_records(plan)
 
 
 TINY = WSDSchedule(lr=1e-3, min_lr=1e-4, train_iters=300, warmup_iters=30, decay_iters=60, global_batch_size=16)
@@ -534,7 +530,7 @@ def test_checkpoints_unknown_experiment_exits_2(launch_env: Path, cli) -> None: 
 def test_first_launch_from_a_base_model_says_how_fp8_master_weights_start(exp_root, monkeypatch, tmp_path):
     from infir2_cpt.launch.plan import LaunchRequest, plan_run
 
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
     base = tmp_path / "base"
     (base / "release").mkdir(parents=True)
     (base / "latest_checkpointed_iteration.txt").write_text("release")

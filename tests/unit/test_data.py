@@ -392,7 +392,7 @@ def test_cli_errors_exit_2(tmp_path: Path, tok_dir: Path, cli: Any) -> None:
 def test_validation_hints_at_the_dataset_prefix(tmp_path: Path, tok_dir: Path) -> None:
     from infir2_cpt.layout import ExperimentPaths
     from infir2_cpt.recipe.schema import BlendEntry, Recipe
-    from infir2_cpt.recipe.validate import check_files
+    from infir2_cpt.launch.preflight import check_files
 
     prefix = run([write_jsonl(tmp_path / "c.jsonl", [{"text": DOCS[0]}])], tok_dir, tmp_path / "toy").prefix
     recipe = Recipe()

@@ -1,19 +1,20 @@
 """`infir2 decay --load ...`: the arguments for several iterations, the refusals, and the decay's own resume.
 
 Fake stable checkpoints (iter_N/ with metadata.json, .metadata and a dummy shard) live under
-INFIR2_EXP_ROOT=tmp; INFIR2_ENTRY is set so no GPU is looked for. The tiny recipe: train_iters 300,
+INFIR2_EXP_ROOT=tmp; INFIR2_GPU_CHECK=0 so no GPU is looked for. The tiny recipe: train_iters 300,
 decay 60, GBS 16, seq 1024; its decay experiment is tiny_decay.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from infir2_cpt import checkpoints as ck
-from infir2_cpt.launch import plan as launch
+from infir2_cpt.launch import execute
+from infir2_cpt.launch.execute import write_records
+from infir2_cpt.layout import DecaySource
 from infir2_cpt.errors import LaunchError
 from infir2_cpt.launch.plan import LaunchPlan, LaunchRequest, plan_run
 
@@ -40,7 +41,7 @@ def flag_value(args: list[str], flag: str) -> str | None:
 
 @pytest.fixture
 def env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
     return exp_root
 
 
@@ -59,7 +60,7 @@ def stable(env: Path) -> Path:
 def no_exec(monkeypatch: pytest.MonkeyPatch) -> list[LaunchPlan]:
     """A launch that gets past planning records its plan here instead of exec'ing torchrun."""
     executed: list[LaunchPlan] = []
-    monkeypatch.setattr(launch, "execute", executed.append)
+    monkeypatch.setattr(execute, "execute", executed.append)
     return executed
 
 
@@ -70,9 +71,7 @@ def plan_decay(load: str, *sets: str, exp: str | None = None, recipe: str = "tin
 def record_launch(plan: LaunchPlan) -> None:
     """The files launch.execute writes before exec."""
     plan.paths.make_dirs()
-    (plan.paths.root / launch.SCHEDULE_FILE).write_text(json.dumps(plan.schedule_record))
-    if plan.decay_source is not None:
-        (plan.paths.root / launch.DECAY_SOURCE_FILE).write_text(json.dumps(plan.decay_source))
+    write_records(plan)
 
 
 # --------------------------------------------------------------------------- naming a checkpoint
@@ -125,9 +124,9 @@ def test_decay_arguments(stable: Path, env: Path, spec: str, k: int) -> None:
     assert "--no-load-optim" not in args and "--finetune" not in args  # optimizer state and iteration continue
     assert "--pretrained-checkpoint" not in args
     assert flag_value(args, "--save") == str(env / "tiny_decay" / "checkpoints")
-    assert plan.decay_source == {"ckpt_dir": str(stable), "iteration": k, "train_iters": k + 60}
-    assert plan.schedule_record["train_iters"] == k + 60 and plan.schedule_record["warmup_iters"] == 0
-    assert plan.tracker_repair is None
+    assert plan.start.decay_source == DecaySource(stable, k, k + 60)
+    assert plan.schedule.train_iters == k + 60 and plan.schedule.warmup_iters == 0
+    assert plan.start.repair is None
     assert not plan.findings.machine, plan.findings.machine
     assert any(f"ending at {k + 60}" in n for n in plan.notes)
 
@@ -245,7 +244,7 @@ def test_decay_resume_with_fallback_and_repair(stable: Path, env: Path) -> None:
     assert flag_value(plan.megatron_args, "--load") == str(decay_dir)
     assert flag_value(plan.megatron_args, "--ckpt-step") == "170"
     assert flag_value(plan.megatron_args, "--train-iters") == "210"
-    assert plan.tracker_repair == (decay_dir, 170)
+    assert plan.start.repair == ck.TrackerRepair(decay_dir, 170)
 
 
 def test_decay_with_only_partial_own_checkpoints_starts_over(stable: Path, env: Path) -> None:

@@ -14,6 +14,7 @@ from infir2_cpt.launch.plan import LaunchRequest, plan_run
 from infir2_cpt.layout import ExperimentPaths
 from infir2_cpt.launch.megatron_args import LoadPlan, build_megatron_args
 from infir2_cpt.recipe.load import load_recipe, shipped_recipe_names
+from infir2_cpt.recipe.schedule import WSDSchedule
 from infir2_cpt.recipe.shape import ModelShape, embedding_rows
 
 
@@ -156,10 +157,10 @@ def test_decay_recipe_passes_megatron_validate_args(recipe, stable, iteration, e
 def test_decay_recipe_via_build_megatron_args(name, exp_root, megatron_parse):
     """The argument builder alone, with the LoadPlan the decay logic would give."""
     recipe = load_recipe(name).recipe
-    stable = ExperimentPaths.for_name(recipe.stable_name)
-    plan = LoadPlan(load_dir=stable.checkpoints, ckpt_step=35000, expect_checkpoint=True,
-                    override_scheduler=True, train_iters=35000 + recipe.schedule.decay_iters, warmup_iters=0)
-    argv = build_megatron_args(recipe, ExperimentPaths.for_name(recipe.name), plan)
+    stable = ExperimentPaths.for_name(recipe.stable_name, exp_root)
+    plan = LoadPlan(load_dir=stable.checkpoints, ckpt_step=35000, expect_checkpoint=True, override_scheduler=True)
+    argv = build_megatron_args(recipe, ExperimentPaths.for_name(recipe.name, exp_root), plan,
+                               schedule=WSDSchedule.of(recipe).decay_from(35000))
     world = recipe.launch.nnodes * recipe.launch.nproc_per_node
     args = megatron_parse(argv, world)
     assert args.ckpt_step == 35000 and args.train_iters == 40000 and args.override_opt_param_scheduler
@@ -174,7 +175,7 @@ def test_padded_vocab_rule_is_megatrons(vocab, tp, rows, exp_root, megatron_pars
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
     recipe = load_recipe("tiny", [f"model.vocab_size={vocab}", f"parallel.tensor_parallel={tp}"]).recipe
-    paths = ExperimentPaths.for_name(recipe.name)
+    paths = ExperimentPaths.for_name(recipe.name, exp_root)
     args = megatron_parse(build_megatron_args(recipe, paths, LoadPlan(load_dir=paths.checkpoints)), tp)
     build_tokenizer(args)
     assert args.padded_vocab_size == rows

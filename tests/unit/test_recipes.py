@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infir2_cpt.launch.plan import LaunchRequest, load_request_recipe
+from infir2_cpt.launch.plan import LaunchRequest, request_recipe
 from infir2_cpt.errors import RecipeError
 from infir2_cpt.recipe.load import (RECIPES_DIR, field_docs, load_raw, load_recipe, recipe_to_yaml,
                                 shipped_recipe_names)
@@ -141,14 +141,14 @@ def test_show_output_round_trips(tmp_path):
 
 
 def test_decay_of_a_recipe_without_a_decay_sibling():
-    loaded = load_request_recipe(LaunchRequest(recipe="tiny", decay_load="iter_0000200"), problems := [])
-    assert problems == []
+    loaded = request_recipe(LaunchRequest(recipe="tiny", decay_load="iter_0000200"))
+    assert loaded.problems == []
     r = loaded.recipe
     assert (r.phase, r.name, r.stable_name, r.schedule.warmup_iters) == ("decay", "tiny_decay", "tiny", 0)
 
 
 def test_decay_command_uses_the_shipped_decay_recipe():
-    loaded = load_request_recipe(LaunchRequest(recipe="7b", decay_load="iter_0035000"), [])
+    loaded = request_recipe(LaunchRequest(recipe="7b", decay_load="iter_0035000"))
     assert loaded.recipe.name == "InfiR2_CPT_FP8_7B_decay"
 
 

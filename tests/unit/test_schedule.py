@@ -17,7 +17,7 @@ import pytest
 
 from infir2_cpt import checkpoints as ck
 from infir2_cpt.launch.plan import LaunchRequest, plan_run
-from infir2_cpt.reports.curve import Curve, decay_schedule, recipe_curve, schedule_segments
+from infir2_cpt.reports.curve import Curve, recipe_curve, schedule_segments
 from infir2_cpt.recipe.schedule import WSDSchedule
 
 pytestmark = pytest.mark.filterwarnings(
@@ -161,7 +161,7 @@ def test_decay_from_a_stable_checkpoint(k: int, style: str) -> None:
     state = stepped(megatron_scheduler(stable), k, gbs).state_dict()  # saved in the checkpoint at k
     assert state["num_steps"] == k * gbs
 
-    decay = decay_schedule(stable, k)
+    decay = stable.decay_from(k)
     assert (decay.train_iters, decay.warmup_iters, decay.anneal_start_iter) == (k + 60, 0, k)
     opt = stand_in_optimizer()
     sched = megatron_scheduler(decay, override=True, optimizer=opt)
@@ -187,7 +187,7 @@ def test_decay_needs_the_override() -> None:
     """Without --override-opt_param-scheduler Megatron refuses the changed train_iters/warmup."""
     k = 150
     state = stepped(megatron_scheduler(TINY), k, 16).state_dict()
-    sched = megatron_scheduler(decay_schedule(TINY, k))
+    sched = megatron_scheduler(TINY.decay_from(k))
     with pytest.raises(AssertionError):
         sched.load_state_dict(state)
 
@@ -195,7 +195,7 @@ def test_decay_needs_the_override() -> None:
 def test_decay_resumes_its_own_progress() -> None:
     """A decay checkpoint at k + j, loaded by the same decay command, continues the anneal exactly."""
     k, j = 150, 25
-    decay = decay_schedule(TINY, k)
+    decay = TINY.decay_from(k)
     state = stepped(megatron_scheduler(TINY), k, 16).state_dict()
     first = megatron_scheduler(decay, override=True)
     first.load_state_dict(state)
@@ -242,7 +242,7 @@ def make_ckpt(ckpt_dir: Path, iteration: int) -> None:
 
 @pytest.fixture
 def launch_env(exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("INFIR2_ENTRY", "infir2_cpt.runtime.entry")
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
     return exp_root
 
 
@@ -345,6 +345,6 @@ def test_schedule_refusals(cli) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_curve_without_stable_part() -> None:
-    curve = Curve("x", decay_schedule(TINY, 100), 1024, decay_from=100)
+    curve = Curve("x", TINY.decay_from(100), 1024, decay_from=100)
     assert [(s.phase, s.start, s.end) for s in curve.segments] == [("decay", 100, 160)]
     assert curve.start == 100 and curve.end == 160

@@ -1,8 +1,8 @@
 """Each preflight rule has a failing case whose message is checked, and all problems come out together.
 
 Configuration problems are fatal even in a dry run; machine problems (files, tokenizer, exp/, GPU) are
-warnings in a dry run and fatal for a launch. Launches here are planned with INFIR2_ENTRY in the
-environment, which skips the GPU probe the way the CPU torchrun test does, and never exec'd.
+warnings in a dry run and fatal for a launch. Launches here are planned with INFIR2_GPU_CHECK=0, which
+skips the GPU probe the way the CPU torchrun test does, and never exec'd.
 """
 
 from __future__ import annotations
@@ -12,27 +12,32 @@ from pathlib import Path
 
 import pytest
 
-from infir2_cpt.launch.plan import LaunchRequest, plan_run
+from infir2_cpt.launch.plan import LaunchEnv, LaunchRequest, plan_run
 from infir2_cpt.errors import LaunchError, RecipeError
 from infir2_cpt.recipe.load import load_recipe
-from infir2_cpt.recipe.validate import check_config, check_gpu, parse_endpoint
+from infir2_cpt.launch.preflight import check_gpu
+from infir2_cpt.recipe.validate import check_config, parse_endpoint
 
-NO_GPU_PROBE = {"INFIR2_ENTRY": "tests.fakes.gloo_worker"}
+
+
+def no_gpu_probe() -> LaunchEnv:
+    """This process's environment (INFIR2_EXP_ROOT from the exp_root fixture) without the GPU preflight."""
+    return LaunchEnv.read({**os.environ, "INFIR2_GPU_CHECK": "0"})
 
 
 def config_problems(recipe: str = "tiny", *sets: str, **request) -> list[str]:
     """The fatal problems of a dry run (configuration problems only)."""
     with pytest.raises(LaunchError) as info:
-        plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=True, **request), environ=NO_GPU_PROBE)
+        plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=True, **request), no_gpu_probe())
     return [str(p) for p in info.value.problems]
 
 
 def machine_problems(recipe: str = "tiny", *sets: str, **request) -> list[str]:
     """Machine problems: warnings in a dry run, and the very same problems fatal for a launch."""
-    plan = plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=True, **request), environ=NO_GPU_PROBE)
+    plan = plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=True, **request), no_gpu_probe())
     warnings = [str(p) for p in plan.findings.machine]
     with pytest.raises(LaunchError) as info:
-        plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=False, **request), environ=NO_GPU_PROBE)
+        plan_run(LaunchRequest(recipe=recipe, sets=list(sets), dry_run=False, **request), no_gpu_probe())
     assert [str(p) for p in info.value.problems] == warnings
     return warnings
 
@@ -59,7 +64,7 @@ def test_shipped_recipes_have_no_config_problems(name):
 
 
 def test_tiny_dry_run_has_no_machine_problems(exp_root):
-    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True), environ=NO_GPU_PROBE)
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
     assert [p for p in plan.findings.machine if p.key != "checkpoint"] == []
 
 
@@ -132,7 +137,7 @@ def test_blockwise_fp8_checks_per_rank_shards(exp_root):
 
 def test_bf16_has_no_block_constraint(exp_root):
     plan = plan_run(LaunchRequest(recipe="tiny", sets=["model.ffn_hidden_size=2800", "precision.fp8=null"],
-                                  dry_run=True), environ=NO_GPU_PROBE)
+                                  dry_run=True), no_gpu_probe())
     assert "--fp8-recipe" not in plan.megatron_args
 
 
@@ -161,7 +166,7 @@ def test_attention_backend_env_must_agree(backend, value, exp_root):
 def test_attention_backend_env_accepted(backend, value, exp_root):
     plan = plan_run(LaunchRequest(recipe="tiny", sets=[f"model.attention_backend={backend}",
                                                         f"env.NVTE_FUSED_ATTN={value}"], dry_run=True),
-                    environ=NO_GPU_PROBE)
+                    no_gpu_probe())
     assert plan.env["NVTE_FUSED_ATTN"] == value
 
 
@@ -183,7 +188,7 @@ def test_data_prefix_needs_bin_and_idx(exp_root, tmp_path):
     warnings = machine_problems("tiny", *sets)
     assert one(warnings, "missing") == f"data.blend[0].path: missing {prefix}.idx (got '{prefix}')"
     prefix.with_suffix(".idx").write_bytes(b"")
-    plan = plan_run(LaunchRequest(recipe="tiny", sets=sets, dry_run=True), environ=NO_GPU_PROBE)
+    plan = plan_run(LaunchRequest(recipe="tiny", sets=sets, dry_run=True), no_gpu_probe())
     assert not [p for p in plan.findings.machine if p.key.startswith("data")]
     assert plan.megatron_args[:2] == ["--data-path", str(prefix)]
 
@@ -350,7 +355,8 @@ def test_set_without_equals(exp_root):
 
 
 def test_set_env_variable(exp_root):
-    plan = plan_run(LaunchRequest(recipe="tiny", sets=["env.NCCL_DEBUG=INFO"], dry_run=True), environ={})
+    plan = plan_run(LaunchRequest(recipe="tiny", sets=["env.NCCL_DEBUG=INFO"], dry_run=True),
+                    LaunchEnv.read({"INFIR2_EXP_ROOT": str(exp_root), "INFIR2_GPU_CHECK": "0"}))
     assert plan.env["NCCL_DEBUG"] == "INFO"
 
 
@@ -391,7 +397,7 @@ def test_config_and_machine_problems_separated(exp_root, tmp_path):
     req = LaunchRequest(recipe="tiny", sets=["schedule.train_iters=50", "data.mock=false",
                                              f"data.blend=[{{path: '{missing}'}}]"], dry_run=True)
     with pytest.raises(LaunchError) as info:
-        plan_run(req, environ=NO_GPU_PROBE)
+        plan_run(req, no_gpu_probe())
     assert [p.key for p in info.value.problems] == ["schedule"]
     assert [p.key for p in info.value.warnings if p.key.startswith("data")] == ["data.blend[0].path"]
 
@@ -399,7 +405,7 @@ def test_config_and_machine_problems_separated(exp_root, tmp_path):
 def test_a_hostname_or_routable_address_is_not_loopback(exp_root):
     for host in ("node01", "10.1.2.3", "[fe80::1]"):
         plan = plan_run(LaunchRequest(recipe="7b", nnodes=2, rdzv_endpoint=f"{host}:29400", dry_run=True),
-                        environ=NO_GPU_PROBE)  # no configuration problem at all: the plan is made
+                        no_gpu_probe())  # no configuration problem at all: the plan is made
         assert plan.recipe.launch.rdzv_endpoint == f"{host}:29400"
 
 
@@ -445,12 +451,12 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[
         "precision.fp8_output_layer=true", "precision.fp8_attention=true", "model.fused_qkv_rope=true",
         "logging.nan_check=step", "parallel.cuda_graph=transformer_engine", "parallel.cuda_graph_modules=[mlp]"]),
-        environ=NO_GPU_PROBE)
+        no_gpu_probe())
     assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_output_layer,fp8_attention,fused_qkv_rope,nan_check_per_step"
     assert plan.env["NCCL_GRAPH_REGISTER"] == "0"  # what Megatron asks for beside expandable segments
     user = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["parallel.cuda_graph=transformer_engine"]),
-                    environ={**NO_GPU_PROBE, "NCCL_GRAPH_REGISTER": "0"})
+                    LaunchEnv.read({**os.environ, "INFIR2_GPU_CHECK": "0", "NCCL_GRAPH_REGISTER": "0"}))
     assert "NCCL_GRAPH_REGISTER" not in user.env  # the user's own value wins (and is reported)
-    assert ("NCCL_GRAPH_REGISTER", "0", "user (recipe: 0)") in user.env_report
-    plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), environ=NO_GPU_PROBE)
+    assert ("NCCL_GRAPH_REGISTER", "0", "user (recipe: 0)") in [(e.name, e.value, e.source) for e in user.env_report]
+    plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
     assert "INFIR2_RUNTIME_OPTIONS" not in plain.env

@@ -30,17 +30,17 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import yaml
 
-from ..launch.plan import ENTRY_ENV, LaunchPlan, LaunchRequest, format_command, plan_run
-from ..layout import exp_root
+from ..launch.execute import format_command
+from ..launch.plan import LaunchEnv, LaunchPlan, LaunchRequest, plan_run
 from .memory import REPORT_PHASES, snapshot_breakdown
 from ..recipe.shape import ModelShape
 from ..errors import BenchError, LaunchError, Problem, RecipeError
 from ..recipe.schema import Recipe
-from ..recipe.load import apply_sets, build_recipe, load_raw, parse_set
+from ..recipe.load import parse_set, resolve
 from ..recipe.validate import EXP_NAME_RE
 from ..reports.runlog import RunLog, parse_log
 
@@ -318,6 +318,7 @@ class BenchPlan:
     profile_window: Optional[tuple[int, int]]
     variants: list[VariantPlan]
     warnings: list[Problem] = field(default_factory=list)
+    gpu_check: bool = True  # probe the GPU before running (off where $INFIR2_GPU_CHECK=0: CPU stand-in entries)
 
 
 def _value(key: str, value: Any) -> str:
@@ -481,24 +482,11 @@ def memory_snapshot_args(variant_root: Path) -> list[str]:
     return ["--record-memory-history", "--memory-snapshot-path", str(variant_root / MEMORY_SNAPSHOT_FILE)]
 
 
-@contextlib.contextmanager
-def _exp_root_env(root: Path) -> Iterator[None]:
-    """INFIR2_EXP_ROOT pointed at the bench folder while planning (ExperimentPaths reads os.environ)."""
-    old = os.environ.get("INFIR2_EXP_ROOT")
-    os.environ["INFIR2_EXP_ROOT"] = str(root)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("INFIR2_EXP_ROOT", None)
-        else:
-            os.environ["INFIR2_EXP_ROOT"] = old
-
-
-def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -> BenchPlan:
+def plan_bench(req: BenchRequest, env: Optional[LaunchEnv] = None) -> BenchPlan:
     """Resolve and validate every variant with infir2's own planner; raises BenchError listing every problem.
-    Touches nothing: no folder is created, no GPU is used."""
-    environ = dict(os.environ if environ is None else environ)
+    Touches nothing: no folder is created, no GPU is used. `env`: the launch host's (default: read now); every
+    variant is planned under <experiments root>/<bench name>."""
+    env = LaunchEnv.read() if env is None else env
     problems = _check_numbers(req)
     mode = "fidelity" if req.fidelity else "speed"
     steps = req.steps or (DEFAULT_FIDELITY_STEPS if req.fidelity else DEFAULT_SPEED_STEPS)
@@ -510,23 +498,21 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
         train_iters = max(train_iters, profile_window[1] + 2)
     variants, variant_problems = _resolve_variants(req)
     try:
-        raw = load_raw(req.recipe)
+        resolved = resolve(req.recipe, req.sets)
     except RecipeError as exc:
         raise BenchError(problems + variant_problems + exc.problems) from None
-    type_problems: list[Problem] = []
-    base = build_recipe(apply_sets(raw, list(req.sets), type_problems), type_problems)
-    problems += type_problems
+    base = resolved.recipe
+    problems += resolved.problems
     if problems:  # numbers or --set wrong: planning the variants would only repeat them
         raise BenchError(problems + variant_problems)
     problems = variant_problems
     name = req.exp_name or time.strftime("bench-%Y%m%d-%H%M%S")
-    root = exp_root() / name
+    root = env.exp_root / name
     common_sets = bench_sets(base, req, steps, train_iters)
     common_extra = bench_extra_args(train_iters, profile_window)
     plans: list[VariantPlan] = []
     warnings: list[Problem] = []
-    validation_env = dict(environ)
-    validation_env["INFIR2_EXP_ROOT"] = str(root)
+    variant_env = replace(env, exp_root=root)
     for variant in variants:
         sets = [*common_sets, *req.sets, *variant.sets]
         extra = [*common_extra, *req.extra_args, *variant.extra_args,
@@ -535,8 +521,7 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
                                    nproc_per_node=req.nproc_per_node, rdzv_endpoint="localhost:29400",
                                    exp=variant.name, dry_run=True, check_gpu=False)  # probed once: gpu_check
         try:
-            with _exp_root_env(root):
-                launch = plan_run(launch_req, validation_env)
+            launch = plan_run(launch_req, variant_env)
         except (RecipeError, LaunchError) as exc:
             problems += [Problem(f"[{variant.name}] {p.key}", p.message, p.value) for p in exc.problems]
             continue
@@ -567,7 +552,7 @@ def plan_bench(req: BenchRequest, environ: Optional[Mapping[str, str]] = None) -
     if problems:
         raise BenchError(problems)
     return BenchPlan(request=req, root=root, mode=mode, steps=steps, train_iters=train_iters,
-                     profile_window=profile_window, variants=plans, warnings=warnings)
+                     profile_window=profile_window, variants=plans, warnings=warnings, gpu_check=env.gpu_check)
 
 
 def child_command(req: BenchRequest, vp: VariantPlan, port: int) -> list[str]:
@@ -1326,12 +1311,12 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
 
 
 def execute(plan: BenchPlan, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> BenchReport:
-    """Probe the GPU once (name for the peak table, infir2's GPU preflight for every variant; skipped when
-    INFIR2_ENTRY replaces the entry, as in the CPU tests), then run the benchmark. Raises BenchError when the
-    machine cannot run it, before anything is launched."""
+    """Probe the GPU once (name for the peak table, infir2's GPU preflight for every variant; skipped with
+    $INFIR2_GPU_CHECK=0, as in the CPU tests), then run the benchmark. Raises BenchError when the machine cannot
+    run it, before anything is launched."""
     req = plan.request
     gpu_name = req.gpu_name
-    if ENTRY_ENV not in os.environ:
+    if plan.gpu_check:
         checks = [{"nproc": req.nproc_per_node, "fp8": vp.fp8} for vp in plan.variants]
         detected, problems = gpu_check(checks)
         if problems:

@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 
 from ..launch import plan as launcher
 from ..errors import BenchError, Infir2Error, Problem, RecipeError
-from ..recipe.load import load_recipe, recipe_to_yaml, shipped_recipe_names, load_raw
+from ..recipe.load import load_recipe, recipe_to_yaml, resolve, shipped_recipe_names
 
 class _ReportingGroup(TyperGroup):
     """The one place where a refusal becomes output: every Infir2Error a command raises is printed as its title
@@ -51,14 +51,16 @@ ExtraArg = Annotated[Optional[list[str]], typer.Argument(
 
 
 def _run(req: launcher.LaunchRequest) -> None:
+    from ..launch import execute
+
     plan = launcher.plan_run(req)
     if req.dry_run:
         for warning in plan.findings.machine:
             print(f"warning: {warning}", file=sys.stderr)
-        print(launcher.describe(plan))
-        print(launcher.format_command(plan))
+        print(execute.describe(plan))
+        print(execute.format_command(plan))
         return
-    launcher.execute(plan)
+    execute.execute(plan)
 
 
 @app.command()
@@ -121,7 +123,7 @@ def list_recipes() -> None:
     width = max(len(n) for n in names) if names else 0
     for name in names:
         try:
-            description = load_raw(name).get("description", "")
+            description = resolve(name).recipe.description
         except RecipeError as exc:
             description = f"(invalid: {exc.problems[0]})"
         print(f"{name:<{width}}  {description}")
@@ -157,9 +159,12 @@ def checkpoints_cmd(
     run decay_source.json names the stable checkpoint), or from --recipe. The checkpoint a re-run would
     resume from is marked, with the reason, and the tracker file's state is shown.
     """
-    from ..reports import curve as reports
+    import os
 
-    print(reports.checkpoints_report(exp, recipe=recipe, sets=sets or [], decay_from=decay_from))
+    from ..layout import exp_root
+    from ..reports.checkpoint_table import checkpoints_report
+
+    print(checkpoints_report(exp, exp_root(os.environ), recipe=recipe, sets=sets or [], decay_from=decay_from))
 
 
 @app.command("stop")
@@ -179,13 +184,13 @@ def stop_cmd(
     import socket
 
     from ..launch.locking import lock_status
-    from ..layout import write_stop_request
-    from ..reports.curve import ReportError, resolve_experiment
+    from ..layout import exp_root, write_stop_request
+    from ..reports.checkpoint_table import resolve_experiment
 
     try:
-        paths = resolve_experiment(exp)
-    except ReportError as exc:
-        fail(exc.problems, "infir2: cannot stop")
+        paths = resolve_experiment(exp, exp_root(os.environ))
+    except Infir2Error as exc:
+        raise Infir2Error(exc.problems, "infir2: cannot stop") from None
     path = write_stop_request(paths.root, f"infir2 stop on {socket.gethostname()} (pid {os.getpid()})")
     print(f"stop requested: {path}")
     print(lock_status(paths) or "no lock in the experiment folder: no launch of it is running on the rendezvous "
@@ -210,12 +215,13 @@ def schedule_cmd(
     """
     from pathlib import Path
 
-    from ..reports import curve as reports
+    from ..reports.curve import recipe_curve
+    from ..reports.schedule_plot import plot_png, schedule_report
 
-    curve = reports.recipe_curve(recipe, sets or [], decay_from)
-    print(reports.schedule_report(curve, points))
+    curve = recipe_curve(recipe, sets or [], decay_from)
+    print(schedule_report(curve, points))
     if png:
-        print(f"wrote {reports.plot_png(curve, Path(png))}")
+        print(f"wrote {plot_png(curve, Path(png))}")
 
 
 

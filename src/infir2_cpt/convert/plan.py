@@ -31,7 +31,8 @@ from .mapping import (
     recipe_padded_vocab,
     tensor_parallel_problems,
 )
-from ..launch.plan import flag_lines, resolve_env
+from ..launch.execute import flag_lines
+from ..launch.plan import resolve_env
 from ..layout import RECIPE_FILE
 from ..launch.megatron_args import model_args
 from ..recipe.shape import ModelShape
@@ -39,7 +40,7 @@ from ..errors import ConversionError, Problem, RecipeError
 from ..recipe.schema import Recipe
 from ..recipe.load import load_recipe
 from ..runtime.torchrun import GRACE_ENV
-from ..recipe.validate import nearest_existing
+from ..launch.preflight import nearest_existing
 
 ENTRY_MODULE = "infir2_cpt.runtime.convert_entry"
 
@@ -80,6 +81,7 @@ class ConvertPlan:
 
 
 def load_request_recipe(name: str, sets: list[str], problems: list[Problem]) -> Recipe | None:
+    """The recipe, or None with its problems added to `problems` (reported with everything else)."""
     try:
         return load_recipe(name, sets).recipe
     except RecipeError as exc:

@@ -11,21 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layout import ExperimentPaths
+from ..recipe.schedule import WSDSchedule
 from ..runtime.fp8_options import OPTIONS_ENV, RuntimeOptions
 from ..recipe.schema import Recipe
 
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """What the launch loads and how the schedule is set, decided by the checkpoint logic before exec."""
+    """What the launch loads, decided by the checkpoint logic (launch/plan.py) before exec."""
 
     load_dir: Path
     ckpt_step: int | None = None
     pretrained: Path | None = None
     expect_checkpoint: bool = False
-    override_scheduler: bool = False
-    train_iters: int | None = None  # decay runs: the loaded iteration + decay iterations
-    warmup_iters: int | None = None
+    override_scheduler: bool = False  # a decay run: its own schedule replaces the checkpoint's
     masters_from_checkpoint: bool = False  # first launch from a base model with FP8 parameters
 
 
@@ -35,7 +34,12 @@ class LoadPlan:
 MASTERS_FROM_CHECKPOINT_FLAGS = ["--no-load-optim", "--load-main-params-from-ckpt", "--no-stream-ckpt-dequant"]
 
 
-ArgGroup = tuple[str, list[str]]
+@dataclass(frozen=True)
+class ArgGroup:
+    """Megatron arguments of one kind, printed together by --dry-run."""
+
+    name: str
+    args: list[str]
 
 
 def _flag(enabled: bool, name: str) -> list[str]:
@@ -121,27 +125,25 @@ def model_args(recipe: Recipe) -> list[str]:
     return args
 
 
-def training_args(recipe: Recipe, plan: LoadPlan) -> list[str]:
+def training_args(recipe: Recipe, schedule: WSDSchedule, plan: LoadPlan) -> list[str]:
     s = recipe.schedule
-    train_iters = plan.train_iters if plan.train_iters is not None else s.train_iters
-    warmup_iters = plan.warmup_iters if plan.warmup_iters is not None else s.warmup_iters
     args = [
-        "--train-iters", str(train_iters),
+        "--train-iters", str(schedule.train_iters),
         "--seed", str(s.seed),
-        "--lr", _num(s.lr),
+        "--lr", _num(schedule.lr),
         "--weight-decay", _num(s.weight_decay),
         "--adam-beta1", _num(s.adam_beta1),
         "--adam-beta2", _num(s.adam_beta2),
         "--clip-grad", _num(s.clip_grad),
         "--lr-decay-style", "WSD",
-        "--lr-warmup-iters", str(warmup_iters),
-        "--lr-wsd-decay-style", s.decay_style,
-        "--lr-wsd-decay-iters", str(s.decay_iters),
-        "--min-lr", _num(s.min_lr),
+        "--lr-warmup-iters", str(schedule.warmup_iters),
+        "--lr-wsd-decay-style", schedule.decay_style,
+        "--lr-wsd-decay-iters", str(schedule.decay_iters),
+        "--min-lr", _num(schedule.min_lr),
         "--init-method-std", _num(recipe.model.init_method_std),
     ]
-    if s.warmup_init_lr:
-        args += ["--lr-warmup-init", _num(s.warmup_init_lr)]
+    if schedule.warmup_init_lr:
+        args += ["--lr-warmup-init", _num(schedule.warmup_init_lr)]
     args += _flag(plan.override_scheduler, "--override-opt_param-scheduler")
     return args
 
@@ -229,23 +231,26 @@ def runtime_env(recipe: Recipe) -> dict[str, str]:
     return env
 
 
-def build_arg_groups(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan,
-                     extra: list[str] | None = None) -> list[ArgGroup]:
-    groups: list[ArgGroup] = [
-        ("data", data_args(recipe, paths)),
-        ("parallel", parallel_args(recipe)),
-        ("model", model_args(recipe)),
-        ("training", training_args(recipe, plan)),
-        ("precision", precision_args(recipe)),
-        ("checkpoint", checkpoint_args(recipe, paths, plan)),
-        ("logging", logging_args(recipe, paths)),
+def build_arg_groups(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan, extra: list[str] | None = None,
+                     schedule: WSDSchedule | None = None) -> list[ArgGroup]:
+    """The argument list in groups. `schedule` is what Megatron's scheduler is given (default: the recipe's whole
+    run; a decay run's is WSDSchedule.decay_from)."""
+    schedule = WSDSchedule.of(recipe) if schedule is None else schedule
+    groups = [
+        ArgGroup("data", data_args(recipe, paths)),
+        ArgGroup("parallel", parallel_args(recipe)),
+        ArgGroup("model", model_args(recipe)),
+        ArgGroup("training", training_args(recipe, schedule, plan)),
+        ArgGroup("precision", precision_args(recipe)),
+        ArgGroup("checkpoint", checkpoint_args(recipe, paths, plan)),
+        ArgGroup("logging", logging_args(recipe, paths)),
     ]
     passthrough = list(recipe.megatron_extra_args) + list(extra or [])
     if passthrough:
-        groups.append(("pass-through (last one wins)", passthrough))
+        groups.append(ArgGroup("pass-through (last one wins)", passthrough))
     return groups
 
 
-def build_megatron_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan,
-                        extra: list[str] | None = None) -> list[str]:
-    return [arg for _, args in build_arg_groups(recipe, paths, plan, extra) for arg in args]
+def build_megatron_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan, extra: list[str] | None = None,
+                        schedule: WSDSchedule | None = None) -> list[str]:
+    return [arg for group in build_arg_groups(recipe, paths, plan, extra, schedule) for arg in group.args]

@@ -374,7 +374,7 @@ def render(req: SbatchRequest) -> BatchScript:
         "@LOGS@": shlex.quote(str(paths.logs)),
         "@TRACKER@": shlex.quote(str(paths.checkpoints / ck.TRACKER)),
         "@STOP_REQUEST@": shlex.quote(str(stop_request_path(paths.root))),
-        "@TRAIN_ITERS@": str(int(plan.schedule_record.get("train_iters", plan.recipe.schedule.train_iters))),
+        "@TRAIN_ITERS@": str(plan.schedule.train_iters),
         "@PORT@": str(req.port),
         "@INFIR2@": shlex.quote(_infir2_executable()),
         "@TRAIN_ARGS@": " \\\n        ".join(train_arguments(req, plan)),

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -76,20 +76,70 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_raw(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The recipe mapping with its `extends:` chain merged (parent first)."""
-    path = resolve_recipe_path(name_or_path, _chain[-1].parent if _chain else None)
-    if path in _chain:
-        cycle = " -> ".join(p.name for p in (*_chain, path))
+@dataclass(frozen=True)
+class _Layer:
+    """One recipe file's own keys (`extends:` removed); path None for the decay layer `infir2 decay` derives."""
+
+    path: Path | None
+    data: dict[str, Any]
+
+
+def _lineage(ref: str, relative_to: Path | None = None, chain: tuple[Path, ...] = ()) -> list[_Layer]:
+    """REF and the recipes it extends, the root ancestor first."""
+    path = resolve_recipe_path(ref, relative_to)
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
         raise RecipeError([Problem("extends", f"circular extends: {cycle}")], str(path))
     data = _read_yaml(path)
-    parent_ref = data.pop("extends", None)
-    if parent_ref is None:
-        return data
-    parent = load_raw(str(parent_ref), (*_chain, path))
-    if data.get("phase") == "decay" and "stable_name" not in data:
-        data["stable_name"] = parent.get("name")
-    return deep_merge(parent, data)
+    parent = data.pop("extends", None)
+    ancestors = _lineage(str(parent), path.parent, (*chain, path)) if parent is not None else []
+    return [*ancestors, _Layer(path, data)]
+
+
+def _merge(layers: list[_Layer]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer.data)
+    return merged
+
+
+def _stable_part(layers: list[_Layer]) -> list[_Layer] | None:
+    """For a decay recipe, the layers of the run it anneals: its lineage up to the nearest ancestor that is not a
+    decay recipe. None for a full recipe (or a decay recipe that extends no full one)."""
+    if _merge(layers).get("phase") != "decay":
+        return None
+    return next((layers[:k] for k in range(len(layers) - 1, 0, -1)
+                 if _merge(layers[:k]).get("phase") != "decay"), None)
+
+
+def _decay_lineage(ref: str) -> list[_Layer]:
+    """The recipe `infir2 decay --recipe REF` runs: REF itself when it is a decay recipe, else the REF-decay recipe
+    shipped (or written) beside it, else REF turned into one: its own experiment REF_decay, no warmup."""
+    layers = _lineage(ref)
+    merged = _merge(layers)
+    if merged.get("phase") == "decay":
+        return layers
+    path = layers[-1].path
+    assert path is not None
+    sibling = path.with_name(f"{path.stem}-decay{path.suffix}")
+    if sibling.is_file():
+        return _lineage(str(sibling))
+    derived = {"name": f"{merged.get('name', 'run')}_decay", "phase": "decay", "schedule": {"warmup_iters": 0}}
+    return [*layers, _Layer(None, derived)]
+
+
+def _raw(layers: list[_Layer]) -> dict[str, Any]:
+    """The merged mapping; a decay recipe's stable_name defaults to the name of the run it anneals."""
+    raw = _merge(layers)
+    stable = _stable_part(layers)
+    if stable is not None and "stable_name" not in raw:
+        raw["stable_name"] = _merge(stable).get("name")
+    return raw
+
+
+def load_raw(name_or_path: str) -> dict[str, Any]:
+    """The recipe mapping with its `extends:` chain merged (parent first), before --set and typing."""
+    return _raw(_lineage(name_or_path))
 
 
 # --------------------------------------------------------------------------- typed conversion
@@ -269,14 +319,24 @@ def apply_sets(raw: dict[str, Any], assignments: list[str], problems: list[Probl
     return result
 
 
-# --------------------------------------------------------------------------- public entry
+# --------------------------------------------------------------------------- the one way a recipe is read
 
 
 @dataclass
-class LoadedRecipe:
+class ResolvedRecipe:
+    """A recipe as every command reads it (resolve): typed, with the mapping it was built from."""
+
     recipe: Recipe
-    source: str
-    raw: dict[str, Any]
+    raw: dict[str, Any]  # the merged mapping with --set applied
+    source: str  # the name or path asked for
+    problems: list[Problem] = field(default_factory=list)  # type problems; those keys kept their defaults
+    stable: Recipe | None = None  # a decay recipe: the recipe of the run it anneals (same --set), when it types
+
+    def checked(self) -> ResolvedRecipe:
+        """This recipe, or RecipeError listing every type problem."""
+        if self.problems:
+            raise RecipeError(self.problems, self.source)
+        return self
 
 
 def build_recipe(raw: dict[str, Any], problems: list[Problem]) -> Recipe:
@@ -284,15 +344,29 @@ def build_recipe(raw: dict[str, Any], problems: list[Problem]) -> Recipe:
     return build_dataclass(Recipe, raw, "", problems)
 
 
-def load_recipe(name_or_path: str, sets: list[str] | None = None) -> LoadedRecipe:
-    """Load, merge `extends:`, apply `--set`, check types. Raises RecipeError listing every problem."""
-    raw = load_raw(name_or_path)
+def resolve(ref: str, sets: list[str] | tuple[str, ...] = (), *, decay: bool = False) -> ResolvedRecipe:
+    """Find REF (a shipped name or a YAML path), merge its `extends:` chain, apply --set, and type it.
+
+    decay=True reads it as `infir2 decay --recipe REF` does (_decay_lineage). For a decay recipe, `stable` is
+    the recipe of the run it anneals, read the same way. Type problems are collected in `problems` (so that a
+    caller can report them with everything else, or call checked()); a recipe that cannot be found or parsed
+    raises RecipeError."""
+    layers = _decay_lineage(ref) if decay else _lineage(ref)
     problems: list[Problem] = []
-    raw = apply_sets(raw, list(sets or []), problems)
-    recipe = build_dataclass(Recipe, raw, "", problems)
-    if problems:
-        raise RecipeError(problems, name_or_path)
-    return LoadedRecipe(recipe=recipe, source=name_or_path, raw=raw)
+    raw = apply_sets(_raw(layers), list(sets), problems)
+    recipe = build_recipe(raw, problems)
+    stable = None
+    stable_layers = _stable_part(layers)
+    if stable_layers is not None:
+        stable_problems: list[Problem] = []
+        candidate = build_recipe(apply_sets(_raw(stable_layers), list(sets), stable_problems), stable_problems)
+        stable = None if stable_problems else candidate
+    return ResolvedRecipe(recipe=recipe, raw=raw, source=ref, problems=problems, stable=stable)
+
+
+def load_recipe(name_or_path: str, sets: list[str] | None = None) -> ResolvedRecipe:
+    """resolve(), refusing a recipe with type problems (RecipeError listing every one)."""
+    return resolve(name_or_path, sets or []).checked()
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

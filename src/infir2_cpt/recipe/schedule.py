@@ -2,14 +2,19 @@
 
 Megatron counts scheduler steps in samples (iterations x global batch size): warmup is linear from
 warmup_init_lr to lr, then lr holds until `train_iters - decay_iters`, then it anneals to min_lr with the
-chosen WSD shape. tests/test_schedule.py checks this against Megatron's own class.
+chosen WSD shape. tests/unit/test_schedule.py checks this against Megatron's own class.
+
+A decay run (`infir2 decay --load iter_K`) is the same schedule cut at K: decay_from(K). Every launch records the
+schedule it gave Megatron in exp/<name>/schedule.json (record / from_record).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Mapping
+
+from .schema import Recipe
 
 Phase = Literal["warmup", "stable", "decay", "done"]
 
@@ -24,6 +29,35 @@ class WSDSchedule:
     decay_style: str = "cosine"
     warmup_init_lr: float = 0.0
     global_batch_size: int = 1
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> WSDSchedule:
+        """The schedule of a recipe's whole run (warmup -> stable -> decay)."""
+        s = recipe.schedule
+        return cls(lr=s.lr, min_lr=s.min_lr, train_iters=s.train_iters, warmup_iters=s.warmup_iters,
+                   decay_iters=s.decay_iters, decay_style=s.decay_style, warmup_init_lr=s.warmup_init_lr,
+                   global_batch_size=recipe.parallel.global_batch_size)
+
+    def decay_from(self, iteration: int) -> WSDSchedule:
+        """The schedule of a decay run started from the stable checkpoint at `iteration`: it ends decay_iters later
+        (train_iters K + decay_iters), has no warmup, and anneals from lr right away (Megatron is told to take
+        this schedule over the checkpoint's, --override-opt_param-scheduler)."""
+        return replace(self, train_iters=iteration + self.decay_iters, warmup_iters=0)
+
+    def record(self) -> dict[str, Any]:
+        """What schedule.json holds: the settings Megatron's scheduler checks when it resumes."""
+        return {"lr": self.lr, "min_lr": self.min_lr, "train_iters": self.train_iters,
+                "warmup_iters": self.warmup_iters, "decay_iters": self.decay_iters, "decay_style": self.decay_style,
+                "global_batch_size": self.global_batch_size}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], warmup_init_lr: float = 0.0) -> WSDSchedule:
+        """The schedule a schedule.json records (it has no warmup_init_lr). Raises KeyError, TypeError or
+        ValueError when a value is missing or malformed."""
+        return cls(lr=float(record["lr"]), min_lr=float(record["min_lr"]), train_iters=int(record["train_iters"]),
+                   warmup_iters=int(record["warmup_iters"]), decay_iters=int(record["decay_iters"]),
+                   decay_style=str(record["decay_style"]), warmup_init_lr=warmup_init_lr,
+                   global_batch_size=int(record["global_batch_size"]))
 
     @property
     def anneal_start_iter(self) -> int:
