@@ -454,17 +454,21 @@ def bench_cmd(
     --set applies to every variant; Megatron flags after `--` too. Exit 2: invalid request (nothing run);
     exit 1: a variant failed.
     """
-    from ..bench import plan as bench
+    from ..bench import plan as bench_plan
+    from ..bench import run as bench_run
+    from ..bench.report import RESULTS_FILE
+    from ..bench.trace import format_trace_breakdown, trace_breakdown
+    from ..bench.variants import list_variants as builtin_variants
 
     if list_variants:
-        print(bench.list_variants())
+        print(builtin_variants())
         return
     if breakdown:
         from pathlib import Path
 
         for trace in breakdown:
             try:
-                print(bench.format_trace_breakdown(bench.trace_breakdown(Path(trace))))
+                print(format_trace_breakdown(trace_breakdown(Path(trace))))
             except (OSError, ValueError) as exc:
                 raise BenchError([Problem("--breakdown", str(exc), trace)], "infir2: cannot read the trace") from None
         return
@@ -483,7 +487,7 @@ def bench_cmd(
     if recipe is None:
         raise BenchError([Problem("--recipe", "required (or --list-variants / --breakdown TRACE / "
                                   "--memory-breakdown SNAPSHOT)")])
-    req = bench.BenchRequest(
+    req = bench_plan.BenchRequest(
         recipe=recipe, variants=[v.strip() for v in variants.split(",") if v.strip()] if variants is not None else None,
         variant_specs=variant_specs or [], variants_file=variants_file, layers=layers, seq=seq,
         micro_batch=micro_batch, global_batch=global_batch, steps=steps, warmup_steps=warmup_steps, sets=sets or [],
@@ -493,18 +497,18 @@ def bench_cmd(
         timeout_minutes=timeout_minutes, dry_run=dry_run, verbose=verbose)
     plan = None
     try:
-        plan = bench.plan_bench(req)
+        plan = bench_plan.plan_bench(req)
         if dry_run:
-            print(bench.describe_plan(plan))
+            print(bench_plan.describe_plan(plan))
             return
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        report = bench.execute(plan)
+        report = bench_run.execute(plan)
     except KeyboardInterrupt:  # also while planning, before any result exists
-        where = f"; results so far: {plan.root / bench.RESULTS_FILE}" if plan is not None else ""
+        where = f"; results so far: {plan.root / RESULTS_FILE}" if plan is not None else ""
         print(f"\ninfir2: bench interrupted{where}", file=sys.stderr)
         raise typer.Exit(130)
-    print(bench.summary(report))
+    print(bench_run.summary(report))
     if not report.all_ok:
         raise typer.Exit(1)
 
