@@ -573,10 +573,13 @@ def test_kernel_classification(name, category):
 def test_breakdown_cli(cli, tmp_path):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(_trace(1)))
-    result = cli("bench", "--breakdown", str(path))
+    result = cli("trace-breakdown", str(path))
     assert result.exit_code == 0, result.output
     assert "| attention | 1.50 |" in result.stdout
+    assert cli("bench", "--breakdown", str(path)).stdout == result.stdout  # the older spelling still works
     (tmp_path / "bad.json").write_text("{}")
+    bad = cli("trace-breakdown", str(tmp_path / "bad.json"))
+    assert bad.exit_code == 2 and "infir2: cannot read the trace" in bad.stderr and "not a Chrome trace" in bad.stderr
     assert cli("bench", "--breakdown", str(tmp_path / "bad.json")).exit_code == 2
 
 
@@ -608,10 +611,11 @@ def test_cli_errors_exit_2_before_anything_runs(cli, exp_root):
 
 
 def test_cli_lists_variants(cli):
-    result = cli("bench", "--list-variants")
+    result = cli("bench-variants")
     assert result.exit_code == 0
     for name in BUILTIN_VARIANTS:
         assert name in result.stdout
+    assert cli("bench", "--list-variants").stdout == result.stdout  # the older spelling, without --recipe
 
 
 def test_no_gpu_exits_2_before_anything_is_written(cli, exp_root, monkeypatch):

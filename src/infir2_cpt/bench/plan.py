@@ -20,6 +20,7 @@ from ..recipe.load import parse_set, resolve
 from ..recipe.schema import Recipe
 from ..recipe.shape import ModelShape
 from ..recipe.validate import EXP_NAME_RE
+from ..requests import EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, comma_list, option
 from .variants import (BUILTIN_VARIANTS, DEFAULT_FIDELITY_VARIANTS, DEFAULT_SPEED_VARIANTS, Variant,
                        load_variants_file, parse_variant_spec, select_variants)
 
@@ -33,36 +34,62 @@ TRACE_GLOB = "torch_profile/rank-*.json*"  # where Megatron writes the profiler 
 
 @dataclass
 class BenchRequest:
-    """Everything `infir2 bench` was asked on the command line."""
+    """Everything `infir2 bench` is asked on the command line."""
 
-    recipe: str
-    variants: Optional[list[str]] = None  # names; None: the mode's defaults
-    variant_specs: list[str] = field(default_factory=list)  # --variant NAME:ITEMS
-    variants_file: Optional[str] = None
-    layers: Optional[int] = None
-    seq: Optional[int] = None
-    micro_batch: Optional[int] = None
-    global_batch: Optional[int] = None
-    steps: Optional[int] = None  # None: 20 (speed) or 500 (fidelity)
-    warmup_steps: int = 5
-    sets: list[str] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
-    nproc_per_node: int = 1
-    tensor_parallel: Optional[int] = None
-    exp_name: Optional[str] = None
-    baseline: str = "bf16"
-    gpu_name: Optional[str] = None
-    fidelity: bool = False
-    data: Optional[str] = None
-    tokenizer: Optional[str] = None
-    seed: Optional[int] = None
-    loss_window: int = 20
-    profile: bool = False
-    profile_steps: int = 3
-    memory_snapshot: bool = False
-    timeout_minutes: Optional[float] = None
-    dry_run: bool = False
-    verbose: bool = False
+    recipe: str = option("--recipe", "-r", help=RECIPE_HELP)
+    layers: Optional[int] = option("--layers", help="Transformer layers (default: the recipe's).", default=None)
+    seq: Optional[int] = option("--seq", help="Sequence length (default: the recipe's).", default=None)
+    micro_batch: Optional[int] = option("--micro-batch", help="Micro batch size (default: the recipe's).",
+                                        default=None)
+    global_batch: Optional[int] = option(
+        "--global-batch", help="Global batch size (default: micro batch x data-parallel size x 8; --fidelity: the "
+        "recipe's).", default=None)
+    steps: Optional[int] = option(  # None: 20 (speed) or 500 (fidelity)
+        "--steps", help="Timed iterations after the warm-up (default 20; --fidelity: iterations in all, default "
+        "500).", default=None)
+    warmup_steps: int = option("--warmup-steps", help="Iterations run before timing starts.", default=5)
+    variants: Optional[list[str]] = option(  # names; None: the mode's defaults
+        "--variants", help="Comma-separated variants to run, in order (default bf16,fp8-blockwise,fp8-tensorwise; "
+        "--fidelity: bf16,fp8-blockwise). Built-ins: see `infir2 bench-variants`.", default=None, parse=comma_list)
+    variant_specs: list[str] = option(
+        "--variant", metavar="NAME:ITEM,...", help="Define (and run) another variant: ITEMs are section.key=value "
+        "overrides, --megatron-flag[=value] and base=VARIANT, e.g. "
+        "--variant fp8-mbs2:base=fp8-blockwise,parallel.micro_batch_size=2 (repeatable).", default_factory=list)
+    variants_file: Optional[str] = option(
+        "--variants-file", metavar="YAML", help="More variants: `variants: {NAME: {base, set, args}}` (run when "
+        "named in --variants; without --variants, after the defaults).", default=None)
+    baseline: str = option("--baseline", help="The variant the ratios are taken against.", default="bf16")
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    nproc_per_node: int = option("--nproc-per-node", help="GPUs (processes) per variant.", default=1)
+    tensor_parallel: Optional[int] = option(
+        "--tensor-parallel", help="TP size (default: gcd of the recipe's TP and --nproc-per-node).", default=None)
+    exp_name: Optional[str] = option(
+        "--exp-name", help="Folder under exp/ for the runs and results (default bench-<date>-<time>).", default=None)
+    gpu_name: Optional[str] = option(
+        "--gpu-name", help="GPU name for the peak table (default: torch.cuda.get_device_name).", default=None)
+    fidelity: bool = option(
+        "--fidelity", help="Train on --data with a fixed seed in each variant and report the final-loss gap to the "
+        "baseline (target: within 1 %).", default=False)
+    data: Optional[str] = option("--data", help="--fidelity: indexed-dataset PREFIX (.bin/.idx).", default=None)
+    tokenizer: Optional[str] = option(
+        "--tokenizer", help="--fidelity: the tokenizer directory the data was prepared with.", default=None)
+    seed: Optional[int] = option("--seed", help="--fidelity: random seed (default: the recipe's).", default=None)
+    loss_window: int = option("--loss-window", help="--fidelity: final loss = mean of the last N iterations.",
+                              default=20)
+    profile: bool = option(
+        "--profile", help="Run the PyTorch profiler over --profile-steps iterations after the warm-up and break the "
+        "trace down by kernel category (timings of a profiled run are slower).", default=False)
+    profile_steps: int = option("--profile-steps", help="Iterations profiled.", default=3)
+    memory_snapshot: bool = option(
+        "--memory-snapshot", help="Record the CUDA allocator's history in every variant and attribute the blocks "
+        "live at the memory peak to training phases and call sites (slows the steps: take times from a run without "
+        "it).", default=False)
+    timeout_minutes: Optional[float] = option(
+        "--timeout-minutes", help="Stop a variant that runs longer (it is reported as timed out).", default=None)
+    verbose: bool = option("--verbose", "-v", help="Echo every line of the runs, not only iterations.", default=False)
+    dry_run: bool = option("--dry-run", help="Validate every variant and print its command; run nothing.",
+                           default=False)
+    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="EXTRA", show_default=False)
 
 
 @dataclass

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..errors import BenchError, Problem
+
 # Kernel name -> category, first match wins (case-insensitive). Heuristics for CUDA kernel names on
 # Hopper (cuBLAS/cuBLASLt `nvjet_*`/`sm90_xmma_gemm_*`, CUTLASS, cuDNN/flash attention, Transformer
 # Engine's cast/transpose/quantize kernels, NCCL, multi-tensor optimizer kernels). An FP8 GEMM is a GEMM
@@ -140,3 +142,11 @@ def format_trace_breakdown(breakdown: Mapping[str, Any]) -> str:
     if breakdown.get("step_wall_ms") is not None:
         lines.append(f"| step wall time (ProfilerStep) | {breakdown['step_wall_ms']:.2f} | |")
     return "\n".join(lines)
+
+
+def trace_file_report(path: Path) -> str:
+    """The breakdown of a trace file as text; BenchError when the file cannot be read as a trace."""
+    try:
+        return format_trace_breakdown(trace_breakdown(path))
+    except (OSError, ValueError) as exc:
+        raise BenchError([Problem("TRACE", str(exc), str(path))], "infir2: cannot read the trace") from None

@@ -34,10 +34,12 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checkpoints as ck
+from .. import requests
+from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument
 from .plan import LaunchPlan, LaunchRequest, plan_run
 from ..errors import LaunchError, Problem, RecipeError, SlurmError
 
@@ -55,20 +57,32 @@ _OPTION_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 
 @dataclass
 class SbatchRequest:
-    """What `infir2 sbatch` was asked for."""
+    """What `infir2 sbatch` is asked for."""
 
-    recipe: str
-    nodes: int
-    sets: list[str] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
-    partition: str | None = None
-    time: str | None = None
-    gpus_per_node: int | None = None  # default: the recipe's launch.nproc_per_node
-    exp: str | None = None
-    port: int = DEFAULT_PORT
-    signal_seconds: int = DEFAULT_SIGNAL_SECONDS
-    exclusive: bool = True
-    sbatch_options: list[str] = field(default_factory=list)  # KEY=VALUE or KEY -> #SBATCH --KEY=VALUE
+    recipe: str = requests.option("--recipe", "-r", help=RECIPE_HELP)
+    nodes: int = requests.option("--nodes", "-N", help="Nodes to allocate; `infir2 train` runs once on each.")
+    partition: str | None = requests.option("--partition", "-p", help="Slurm partition.", default=None)
+    time: str | None = requests.option("--time", "-t", help="Time limit, HH:MM:SS or D-HH:MM:SS (default: the partition's).",
+                              default=None)
+    gpus_per_node: int | None = requests.option(
+        "--gpus-per-node", help="GPUs (training processes) per node (default: the recipe's launch.nproc_per_node).",
+        default=None)
+    sets: list[str] = requests.option("--set", "-s", help=SET_HELP, default_factory=list)
+    exp: str | None = requests.option("--exp", help=EXP_HELP, default=None)
+    port: int = requests.option("--port", help="Rendezvous port on the first node.", default=DEFAULT_PORT)
+    signal_seconds: int = requests.option(
+        "--signal-seconds", help="Seconds before the time limit at which the job saves a checkpoint and requeues "
+        "itself.", default=DEFAULT_SIGNAL_SECONDS)
+    exclusive: bool = requests.option("--exclusive/--no-exclusive",
+                             help="Ask for whole nodes (all their CPUs for the data loaders).", default=True)
+    sbatch_options: list[str] = requests.option(  # KEY=VALUE or KEY -> #SBATCH --KEY=VALUE
+        "--sbatch-option", metavar="KEY=VALUE",
+        help="Another #SBATCH option, e.g. --sbatch-option account=proj --sbatch-option qos=high (repeatable).",
+        default_factory=list)
+    output: str | None = requests.option(
+        "--output", "-o", metavar="FILE", help="Write the script to FILE (made executable) instead of stdout.",
+        default=None)
+    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="EXTRA", show_default=False)
 
 
 @dataclass
@@ -378,9 +392,10 @@ def render(req: SbatchRequest) -> BatchScript:
     return BatchScript(text="\n".join(header) + "\n" + body, plan=plan, logs_dir=paths.logs, warnings=warnings)
 
 
-def emit(req: SbatchRequest, output: str | None = None) -> BatchScript:
+def emit(req: SbatchRequest) -> BatchScript:
     """render(), then create exp/<name>/logs (Slurm opens the batch log there before the script starts)
-    and write the script to `output` (executable), or return it for printing."""
+    and write the script to req.output (executable), or return it for printing."""
+    output = req.output
     script = render(req)
     if not script.logs_dir.is_dir():
         try:
