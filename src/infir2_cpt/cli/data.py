@@ -63,6 +63,6 @@ def inspect_data(
 
     Also checks that the .bin holds exactly the tokens its .idx describes.
     """
-    from ..data.prepare import format_summary, inspect_data as inspect
+    from ..data.inspect import format_summary, inspect_data as inspect
 
     print(format_summary(inspect(prefix, tokenizer, n)))
