@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infir2_cpt.data import prepare as data
+from infir2_cpt.data import workers
+from infir2_cpt.data.inspect import inspect_data
+from infir2_cpt.data.prepare import PrepareResult, format_prepare_report, prepare_data
 from infir2_cpt.errors import DataError, WorkerError
-from infir2_cpt.data.prepare import PrepareResult, inspect_data, prepare_data
 from toy_tokenizer import build_toy_tokenizer, toy_corpus_module, toy_documents
 
 DOCS = toy_documents(60)
@@ -258,7 +259,7 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path: Path, tok_dir: Pat
             (3, "malformed_json"), (5, "missing_key"), (6, "not_a_string"), (7, "empty_document"), (8, "blank_line"),
             (9, "not_an_object"), (10, "missing_key"), (11, "invalid_text")]]
     assert result.stats["rows_read"] == len(BAD_LINES)
-    report = data.format_prepare_report(result)
+    report = format_prepare_report(result)
     assert f"skipped {src}:3: not valid JSON" in report
 
 
@@ -312,10 +313,10 @@ def test_interrupt_stops_workers_and_leaves_no_final_files(tmp_path: Path, tok_d
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in DOCS * 3])
 
-    def ctrl_c(self: data.Progress, *args: int) -> None:
+    def ctrl_c(self: workers.Progress, *args: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.Progress, "add", ctrl_c)
+    monkeypatch.setattr(workers.Progress, "add", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run([src], tok_dir, tmp_path / "toy", workers=2, unit_bytes=2000)
     deadline = time.monotonic() + 15  # the workers are stopped; on a loaded machine reaping takes a moment
@@ -328,7 +329,7 @@ def test_interrupt_stops_workers_and_leaves_no_final_files(tmp_path: Path, tok_d
 def test_a_killed_worker_fails_the_run_cleanly(tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in DOCS])
     # the workers are forked, so they run this patched function
-    monkeypatch.setattr(data, "process_unit", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(workers, "process_unit", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(WorkerError, match="killed by SIGKILL"):
         run([src], tok_dir, tmp_path / "toy", workers=2)
     assert_nothing_written(tmp_path)

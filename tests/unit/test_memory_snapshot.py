@@ -1,5 +1,5 @@
-"""memory_snapshot.py: the peak of a CUDA memory snapshot and what is live then (hand-built snapshots in
-torch's format, tests/fakes/fake_snapshot.py), and `infir2 bench --memory-breakdown`."""
+"""bench/memory.py: the peak of a CUDA memory snapshot and what is live then (hand-built snapshots in
+torch's format, tests/fakes/fake_snapshot.py), and `infir2 memory-breakdown`."""
 
 from __future__ import annotations
 
@@ -74,11 +74,12 @@ def test_snapshot_file_and_cli(tmp_path, cli):
     path.write_bytes(pickle.dumps(iteration_snapshot(fp8=True)))
     b = snapshot_breakdown(path)
     assert b["snapshot"] == str(path) and b["device"] == 0
-    result = cli("bench", "--memory-breakdown", str(path))
+    result = cli("memory-breakdown", str(path))
     assert result.exit_code == 0, result.output
+    assert cli("bench", "--memory-breakdown", str(path)).stdout == result.stdout  # the older spelling still works
     assert f"peak {_gib(PERSISTENT + OLD + ACTIVATIONS + QUANTIZED + 100):.2f} GiB" in result.stdout
     assert f"| forward | {_gib(ACTIVATIONS + QUANTIZED):.2f} |" in result.stdout
     bad = tmp_path / "bad.pickle"
     bad.write_bytes(b"not a pickle")
-    result = cli("bench", "--memory-breakdown", str(bad))
+    result = cli("memory-breakdown", str(bad))
     assert result.exit_code == 2 and "not a readable pickle" in result.stderr

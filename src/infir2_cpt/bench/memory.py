@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from ..errors import BenchError, Problem
+
 GIB = 1024**3
 LIVE_STATES = ("active_allocated", "active_pending_free")
 # Phases, first match wins. Each is a test on the allocation's Python stack (file names and function names).
@@ -201,3 +203,11 @@ def format_memory_breakdown(breakdown: Mapping[str, Any]) -> str:
     for entry in breakdown["top_sites"]:
         lines.append(f"| {entry['site']} | {entry['gib']:.3f} | {entry['blocks']} |")
     return "\n".join(lines)
+
+
+def snapshot_file_report(path: Path) -> str:
+    """The breakdown of a snapshot file as text; BenchError when the file cannot be read as a snapshot."""
+    try:
+        return format_memory_breakdown(snapshot_breakdown(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise BenchError([Problem("SNAPSHOT", str(exc), str(path))], "infir2: cannot read the memory snapshot") from None

@@ -17,7 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from ..launch.megatron_args import model_args
 from ..recipe.shape import ModelShape
 from ..errors import ConversionError, Problem, RecipeError
 from ..recipe.schema import Recipe
+from ..requests import SET_HELP, option
 from ..recipe.load import load_recipe
 from ..runtime.torchrun import GRACE_ENV
 from ..launch.preflight import nearest_existing
@@ -45,27 +46,62 @@ from ..launch.preflight import nearest_existing
 ENTRY_MODULE = "infir2_cpt.runtime.convert_entry"
 
 
-@dataclass
-class ConvertRequest:
-    """What the user asked for; which fields matter depends on the command."""
+CONVERT_RECIPE_HELP = "Recipe whose model section the checkpoint follows (name or YAML path)."
+CONVERT_DRY_RUN_HELP = "Check everything, print the torchrun command, and exit; writes nothing."
 
-    recipe: str | None = None
-    sets: list[str] = field(default_factory=list)
-    hf: str | None = None
-    out: str | None = None
-    ckpt: str | None = None
-    tp: int | None = None
-    tokenizer: str | None = None
-    hf_config: str | None = None
-    vocab_size: int | None = None
-    verify: bool = True
-    dtype: str = "bf16"
-    batch: int = 2
-    seq: int = 256
-    seed: int = 1234
-    max_rel: float = 0.05
-    report: str | None = None
-    dry_run: bool = False
+
+@dataclass
+class HfToMegatronRequest:
+    """`infir2 convert hf-to-megatron`."""
+
+    hf: str = option("--hf", help="Hugging Face Qwen2 folder: config.json and *.safetensors.", show_default=False)
+    out: str = option("--out", help="New (or empty) folder for the Megatron checkpoint.", show_default=False)
+    recipe: str = option("--recipe", "-r", help="Recipe that will train from the checkpoint.", default="7b")
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    tp: int | None = option(
+        "--tp", help="Training TP to check the shapes against (default: the recipe's). The checkpoint is written "
+        "unsharded; Megatron reshards it on load.", show_default=False, default=None)
+    no_verify: bool = option("--no-verify", help="Do not read the written checkpoint back.", default=False)
+    dry_run: bool = option("--dry-run", help=CONVERT_DRY_RUN_HELP, default=False)
+
+
+@dataclass
+class MegatronToHfRequest:
+    """`infir2 convert megatron-to-hf`."""
+
+    ckpt: str = option("--ckpt", help="An iter_NNNNNNN or release folder (or a checkpoints directory: its tracker's "
+                       "folder).", show_default=False)
+    out: str = option("--out", help="New (or empty) folder for the Hugging Face model.", show_default=False)
+    recipe: str | None = option("--recipe", "-r", help=CONVERT_RECIPE_HELP, show_default=False, default=None)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    tokenizer: str | None = option(
+        "--tokenizer", help="Copy the tokenizer files (and generation_config.json) of this folder.",
+        show_default=False, default=None)
+    hf_config: str | None = option(
+        "--hf-config", help="The source model's config.json (or its folder): vocab_size and token ids come from it "
+        "(default: the copy kept beside the recipe's checkpoint.pretrained).", show_default=False, default=None)
+    vocab_size: int | None = option(
+        "--vocab-size", help="Embedding rows to keep (default: the source config's vocab_size).",
+        show_default=False, default=None)
+    dry_run: bool = option("--dry-run", help=CONVERT_DRY_RUN_HELP, default=False)
+
+
+@dataclass
+class CheckLogitsRequest:
+    """`infir2 convert check-logits`."""
+
+    hf: str = option("--hf", help="Hugging Face Qwen2 folder (the reference).", show_default=False)
+    ckpt: str = option("--ckpt", help="Megatron iter_NNNNNNN or release folder.", show_default=False)
+    recipe: str | None = option("--recipe", "-r", help=CONVERT_RECIPE_HELP, show_default=False, default=None)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    dtype: str = option("--dtype", help="bf16 or fp32, for both models.", default="bf16")
+    batch: int = option("--batch", help="Sequences of random tokens.", default=2)
+    seq: int = option("--seq", help="Tokens per sequence.", default=256)
+    seed: int = option("--seed", help="Seed of the random tokens.", default=1234)
+    max_rel: float = option("--max-rel", help="Largest accepted max |difference| / max |HF logit|.", default=0.05)
+    report: str | None = option("--report", help="Also write the figures as JSON here.", show_default=False,
+                                default=None)
+    dry_run: bool = option("--dry-run", help=CONVERT_DRY_RUN_HELP, default=False)
 
 
 @dataclass
@@ -263,7 +299,7 @@ def checkpoint_padded_vocab(recipe: Recipe, found: dict[str, tuple[int, ...]], p
     return rows if rows is not None else padded
 
 
-def source_config_for(req: ConvertRequest, recipe: Recipe, folder: Path, notes: list[str],
+def source_config_for(req: MegatronToHfRequest, recipe: Recipe, folder: Path, notes: list[str],
                       problems: list[Problem]) -> tuple[Path | None, dict[str, Any] | None]:
     """--hf-config (a config.json or a folder with one), else the copy hf-to-megatron kept beside the checkpoint
     (converting a converted checkpoint back) or beside the recipe's checkpoint.pretrained (a CPT run from it)."""
@@ -293,7 +329,7 @@ def source_config_for(req: ConvertRequest, recipe: Recipe, folder: Path, notes: 
     return None, None
 
 
-def export_vocab(req: ConvertRequest, recipe: Recipe, base: dict[str, Any] | None, padded: int,
+def export_vocab(req: MegatronToHfRequest, recipe: Recipe, base: dict[str, Any] | None, padded: int,
                  notes: list[str]) -> int:
     """Rows kept in the HF export: --vocab-size, the source config's vocab_size, the NullTokenizer's
     vocabulary, or every row of the checkpoint."""
@@ -312,10 +348,10 @@ def export_vocab(req: ConvertRequest, recipe: Recipe, base: dict[str, Any] | Non
 # --------------------------------------------------------------------------- plans
 
 
-def plan_hf_to_megatron(req: ConvertRequest) -> ConvertPlan:
+def plan_hf_to_megatron(req: HfToMegatronRequest) -> ConvertPlan:
     problems: list[Problem] = []
     notes: list[str] = []
-    recipe = load_request_recipe(req.recipe or "7b", req.sets, problems)
+    recipe = load_request_recipe(req.recipe, req.sets, problems)
     source = read_hf_source(req.hf, "--hf", problems)
     out = check_out_dir(req.out, "--out", problems)
     shape = None
@@ -337,15 +373,15 @@ def plan_hf_to_megatron(req: ConvertRequest) -> ConvertPlan:
         notes.append(f"vocabulary padded with {shape.padded_vocab_size - shape.vocab_size} zero rows: "
                      f"{shape.vocab_size} -> {shape.padded_vocab_size}")
     entry = ["hf-to-megatron", "--shape", shape_json(shape), "--hf", str(source.path), "--out", str(out)]
-    if not req.verify:
+    if req.no_verify:
         entry.append("--no-verify")
     command = torchrun_command(entry, conversion_megatron_args(recipe, shape.vocab_size, shape.padded_vocab_size,
                                                                save=out))
-    notes.append(f"then: infir2 train --recipe {req.recipe or '7b'} --set checkpoint.pretrained={out}")
+    notes.append(f"then: infir2 train --recipe {req.recipe} --set checkpoint.pretrained={out}")
     return _finish(command, recipe, notes, shape, req.dry_run)
 
 
-def checkpoint_and_recipe(req: ConvertRequest, problems: list[Problem],
+def checkpoint_and_recipe(req: MegatronToHfRequest | CheckLogitsRequest, problems: list[Problem],
                           notes: list[str]) -> tuple[Path | None, Recipe | None]:
     """The iter_* folder named by --ckpt and the recipe that describes it (--recipe, else the run's own)."""
     folder = resolve_checkpoint_folder(req.ckpt, problems, notes)
@@ -354,7 +390,7 @@ def checkpoint_and_recipe(req: ConvertRequest, problems: list[Problem],
     return folder, recipe
 
 
-def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
+def plan_megatron_to_hf(req: MegatronToHfRequest) -> ConvertPlan:
     problems: list[Problem] = []
     notes: list[str] = []
     folder, recipe = checkpoint_and_recipe(req, problems, notes)
@@ -393,7 +429,7 @@ def plan_megatron_to_hf(req: ConvertRequest) -> ConvertPlan:
     return _finish(torchrun_command(entry), recipe, notes, shape, req.dry_run, needs_gpu=False)
 
 
-def plan_check_logits(req: ConvertRequest) -> ConvertPlan:
+def plan_check_logits(req: CheckLogitsRequest) -> ConvertPlan:
     problems: list[Problem] = []
     notes: list[str] = []
     folder, recipe = checkpoint_and_recipe(req, problems, notes)

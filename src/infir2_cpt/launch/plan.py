@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -26,6 +26,7 @@ from ..recipe.load import ResolvedRecipe, resolve
 from ..recipe.schedule import WSDSchedule
 from ..recipe.schema import Recipe
 from ..recipe.validate import Findings, check_config, drop_consequences
+from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, option
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
@@ -34,19 +35,28 @@ from .preflight import check_cuda_graph_env, check_disk_space, check_files, chec
 
 @dataclass
 class LaunchRequest:
-    """Everything the user asked for on the command line."""
+    """Everything `infir2 train` and `infir2 decay` are asked on the command line."""
 
-    recipe: str
-    sets: list[str] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
-    nnodes: int | None = None
-    nproc_per_node: int | None = None
-    rdzv_endpoint: str | None = None
-    rdzv_id: str | None = None
-    exp: str | None = None
-    dry_run: bool = False
-    decay_load: str | None = None  # set for `infir2 decay`
-    stable_exp: str | None = None  # `infir2 decay --stable-exp`: the stable run's experiment name
+    recipe: str = option("--recipe", "-r", help=RECIPE_HELP)
+    decay_load: str | None = option(  # `infir2 decay` only
+        "--load", help="Stable-phase checkpoint: iter_0035000 (in the stable run's checkpoints), or a path to an "
+        "iter_* folder.", default=None)
+    stable_exp: str | None = option(  # `infir2 decay` only
+        "--stable-exp", help="The stable run's experiment name, when it was trained with --exp (default: the "
+        "recipe's stable_name).", default=None)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="EXTRA", show_default=False)
+    nnodes: int | None = option("--nnodes", help="Number of hosts (run the same command on each).", default=None)
+    nproc_per_node: int | None = option("--nproc-per-node", "--nproc_per_node", help="GPUs per host.", default=None)
+    rdzv_endpoint: str | None = option(
+        "--rdzv-endpoint", "--rdzv_endpoint", help="HOST:PORT of the c10d rendezvous, the same on every host.",
+        default=None)
+    rdzv_id: str | None = option(
+        "--rdzv-id", "--rdzv_id", help="Rendezvous id (default: derived from the experiment name).", default=None)
+    exp: str | None = option("--exp", help=EXP_HELP, default=None)
+    dry_run: bool = option(
+        "--dry-run", help="Print the environment and the full command, then exit; touches no GPU and nothing under "
+        "exp/.", default=False)
     check_gpu: bool = True  # False where the GPUs are checked elsewhere (bench, once) or later (sbatch, on the nodes)
 
 

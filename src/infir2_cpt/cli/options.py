@@ -1,0 +1,84 @@
+"""Commands whose options are the fields of their request (requests.py), so each option is declared once.
+
+from_request(run) makes the typer command for `run(req: SomeRequest)`: one option (or argument) per field
+declared with requests.option / requests.argument, in field order, with the field's type, default, flags and
+help; the command builds the request from what was given and calls run with it. run's docstring is the help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import typer
+
+from ..requests import RECIPE_HELP, SET_HELP, Flag
+
+
+def _typer_info(flag: Flag, required: bool) -> Any:
+    if flag.argument:
+        return typer.Argument(help=flag.help, metavar=flag.metavar, show_default=flag.show_default)
+    return typer.Option(*flag.decls, help=flag.help, metavar=flag.metavar, show_default=flag.show_default,
+                        min=flag.min)
+
+
+def from_request(run: Callable[[Any], None], *, exclude: Sequence[str] = (), required: Sequence[str] = (),
+                 extra: Sequence[inspect.Parameter] = ()) -> Callable[..., None]:
+    """The command for run(req). `exclude`: request fields this command does not offer; `required`: fields this
+    command requires although the request has a default; `extra`: more parameters that are not request fields
+    (their values are not passed on), such as eager options that act and exit."""
+    request_cls = next(iter(typing.get_type_hints(run).values()))
+    hints = typing.get_type_hints(request_cls)
+    params: list[inspect.Parameter] = []
+    factories: dict[str, Callable[[], Any]] = {}
+    parsers: dict[str, Callable[[str], Any]] = {}
+    for field in dataclasses.fields(request_cls):
+        flag = field.metadata.get("cli")
+        if flag is None or field.name in exclude:
+            continue
+        annotation = str if flag.parse is not None else hints[field.name]
+        if field.name in required:
+            default: Any = inspect.Parameter.empty
+        elif field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # a list: typer gives None when it is not used
+            default, annotation = None, Optional[annotation]
+            factories[field.name] = field.default_factory
+        else:
+            default = inspect.Parameter.empty
+        if flag.parse is not None:
+            parsers[field.name] = flag.parse
+            annotation = Optional[str] if default is None else str
+        info = _typer_info(flag, default is inspect.Parameter.empty)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[annotation, info]))
+    extra_names = {p.name for p in extra}
+
+    @functools.wraps(run)
+    def command(**given: Any) -> None:
+        values = {}
+        for name, value in given.items():
+            if name in extra_names:
+                continue
+            if value is None and name in factories:
+                value = factories[name]()
+            elif value is not None and name in parsers:
+                value = parsers[name](value)
+            values[name] = value
+        run(request_cls(**values))
+
+    del command.__wrapped__  # typer must read the signature below, not run's
+    command.__signature__ = inspect.Signature([*params, *extra])  # type: ignore[attr-defined]
+    command.__annotations__ = {}
+    return command
+
+
+# Options of the commands that take no request (their signature is their only declaration).
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help=RECIPE_HELP)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help=SET_HELP)]
+DecayFromOpt = Annotated[Optional[int], typer.Option(
+    "--decay-from", metavar="K",
+    help="Show the run of `infir2 decay --load iter_K`: train_iters K + decay_iters, no warmup, anneal from K.")]
