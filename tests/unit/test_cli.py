@@ -283,3 +283,48 @@ def test_help_lists_commands(cli):
     assert result.exit_code == 0
     for command in ("train", "decay", "recipes", "show"):
         assert command in result.stdout
+
+
+# --------------------------------------------------------------------------- what reaches Megatron
+
+
+@pytest.mark.parametrize("command", [["train", "--recipe", "tiny"],
+                                     ["decay", "--recipe", "tiny", "--load", "iter_0000100"],
+                                     ["bench", "--recipe", "tiny"]])
+@pytest.mark.parametrize("stray", ["true", "7b"])
+def test_a_stray_word_before_the_double_dash_is_a_usage_error(cli, exp_root, command, stray):
+    """`--dry-run true` used to append `true` to Megatron's arguments; only what follows `--` may reach it."""
+    result = cli(*command, "--dry-run", stray)
+    assert result.exit_code == 2, result.output
+    assert f"unexpected word '{stray}'" in result.output
+    assert "Megatron flags go after" in result.output
+
+
+def test_words_after_the_double_dash_still_reach_megatron(cli, exp_root):
+    result = cli("train", "--recipe", "tiny", "--dry-run", "--", "--manual-gc", "--manual-gc-interval", "10")
+    assert result.exit_code == 0, result.output
+    assert command_flags(result.stdout)[-2:] == [["--manual-gc"], ["--manual-gc-interval", "10"]]
+
+
+def test_a_misspelled_megatron_flag_is_refused_with_the_close_match(cli, exp_root):
+    result = cli("train", "--recipe", "tiny", "--dry-run", "--", "--recompute-granularty", "selective")
+    assert result.exit_code == 2, result.output
+    assert ("--recompute-granularty is not an option of megatron-core's argument parser; did you mean "
+            "--recompute-granularity?") in result.stderr
+
+
+def test_a_misspelled_flag_in_the_recipe_is_refused_too(cli, exp_root, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("extends: tiny\nmegatron_extra_args: ['--manual-gcc']\n")
+    result = cli("train", "--recipe", str(recipe), "--dry-run")
+    assert result.exit_code == 2 and "--manual-gcc is not an option" in result.stderr
+
+
+def test_without_megatron_the_flags_are_not_checked_and_it_says_so(cli, exp_root, monkeypatch):
+    from infir2_cpt.launch import preflight
+
+    monkeypatch.setattr(preflight, "megatron_option_names", lambda: None)
+    result = cli("train", "--recipe", "tiny", "--dry-run", "--", "--anything-goes")
+    assert result.exit_code == 0, result.output
+    assert "megatron-core is not importable here: the Megatron flags after `--` were not checked " \
+           "(--anything-goes)" in result.stdout

@@ -11,7 +11,7 @@ from typer.core import TyperGroup
 
 from ..errors import Infir2Error
 from . import bench, convert, data, reports, train
-from .options import from_request
+from .options import PassThroughCommand, from_request
 
 
 class _ReportingGroup(TyperGroup):
@@ -27,20 +27,22 @@ class _ReportingGroup(TyperGroup):
 
 
 def _typer(help: str) -> typer.Typer:
+    # Plain click formatting, not rich panels: full option names and wrapped help at any width, and usage
+    # errors on one line that a script (or a test) can read
     return typer.Typer(cls=_ReportingGroup, help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False)
+                       pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 app = _typer("FP8 continual pre-training of Qwen2.5 on Megatron: recipes, validation, launch, resume, decay.")
 app.info.name = "infir2"
 
 # launching
-app.command("train")(from_request(train.train, exclude=("decay_load", "stable_exp")))
-app.command("decay")(from_request(train.decay, required=("decay_load",)))
+app.command("train", cls=PassThroughCommand)(from_request(train.train, exclude=("decay_load", "stable_exp")))
+app.command("decay", cls=PassThroughCommand)(from_request(train.decay, required=("decay_load",)))
 app.command("stop")(train.stop)
 app.command("recipes")(train.list_recipes)
 app.command("show")(train.show)
-app.command("sbatch")(from_request(train.sbatch))
+app.command("sbatch", cls=PassThroughCommand)(from_request(train.sbatch))
 # reading a run back
 app.command("checkpoints")(reports.checkpoints)
 app.command("schedule")(reports.schedule)
@@ -55,7 +57,7 @@ convert_app.command("megatron-to-hf")(from_request(convert.megatron_to_hf))
 convert_app.command("check-logits")(from_request(convert.check_logits))
 app.add_typer(convert_app, name="convert")
 # benchmarking
-app.command("bench")(from_request(bench.bench, extra=bench.COMPATIBILITY_OPTIONS))
+app.command("bench", cls=PassThroughCommand)(from_request(bench.bench, extra=bench.COMPATIBILITY_OPTIONS))
 app.command("bench-variants")(bench.bench_variants)
 app.command("trace-breakdown")(bench.trace_breakdown)
 app.command("memory-breakdown")(bench.memory_breakdown)

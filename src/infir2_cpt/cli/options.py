@@ -14,8 +14,30 @@ import typing
 from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
+from typer.core import TyperCommand
 
 from ..requests import RECIPE_HELP, SET_HELP, Flag
+
+
+class PassThroughCommand(TyperCommand):
+    """A command whose trailing argument collects Megatron flags: only the words after `--` go there.
+
+    click puts every word that is not an option into the variadic argument, before `--` as after it, so a
+    stray word (`--dry-run true`, a mistyped option value) would silently become a Megatron argument. Here
+    the words before `--` are parsed alone, and any positional word among them is a usage error (exit 2)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        passthrough = next((p for p in self.params if p.param_type_name == "argument" and p.nargs == -1), None)
+        if passthrough is None or passthrough.name is None:
+            return super().parse_args(ctx, args)
+        before, after = (args[:args.index("--")], args[args.index("--") + 1:]) if "--" in args else (args, [])
+        rest = super().parse_args(ctx, before)
+        stray = ctx.params.get(passthrough.name) or ()
+        if stray:
+            ctx.fail(f"unexpected word {stray[0]!r}: options take one value each, and Megatron flags go after "
+                     f"`--` (for example `infir2 {ctx.info_name} --recipe tiny -- --recompute-granularity selective`)")
+        ctx.params[passthrough.name] = tuple(after) or None
+        return rest
 
 
 def _typer_info(flag: Flag, required: bool) -> Any:

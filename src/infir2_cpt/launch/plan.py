@@ -30,7 +30,7 @@ from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, op
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
-from .preflight import check_cuda_graph_env, check_disk_space, check_files, check_gpu
+from .preflight import check_cuda_graph_env, check_disk_space, check_files, check_gpu, check_megatron_flags
 
 
 @dataclass
@@ -343,6 +343,7 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
         start = plan_decay_run(recipe, paths, stable, req.decay_load, findings, notes)
     findings.extend(check_files(recipe, paths))
     findings.extend(check_disk_space(recipe, paths, notes))
+    check_megatron_flags([*recipe.megatron_extra_args, *req.extra_args], findings, notes)
     if req.check_gpu and env.gpu_check:
         findings.extend(check_gpu(recipe))
     worker_env, env_report = resolve_env(recipe, env.variables)

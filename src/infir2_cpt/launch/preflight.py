@@ -8,8 +8,12 @@ since a dry run is often made on a login node that lacks them. Every check runs;
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import functools
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from ..argv import last_value
@@ -30,6 +34,38 @@ def check_cuda_graph_env(megatron_args: list[str], env: dict[str, str], out: Fin
                 "expandable_segments:True needs NCCL_GRAPH_REGISTER=0 (Megatron asserts it at start-up): add "
                 "`--set env.NCCL_GRAPH_REGISTER=0`, or drop expandable segments from env.PYTORCH_CUDA_ALLOC_CONF",
                 env.get("NCCL_GRAPH_REGISTER"))
+
+
+@functools.cache
+def megatron_option_names() -> frozenset[str] | None:
+    """Every option string of Megatron's own argument parser, or None when megatron-core is not importable
+    here (a login host without the `megatron` extra)."""
+    try:
+        with warnings.catch_warnings():  # its import warns about optional kernels (APEX, TE) the parser needs not
+            warnings.simplefilter("ignore")
+            from megatron.training.arguments import add_megatron_arguments
+    except Exception:  # not installed, or broken beyond the point where its parser can be built
+        return None
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False, add_help=False))
+    return frozenset(parser._option_string_actions)  # argparse keeps no public list of its option strings
+
+
+def check_megatron_flags(flags: list[str], out: Findings, notes: list[str]) -> None:
+    """The flags passed through to Megatron (after `--`, and megatron_extra_args) are real options of the
+    installed megatron-core: a typo would otherwise stop every node at start-up (argparse exits there)."""
+    names = [flag.split("=", 1)[0] for flag in flags if flag.startswith("--")]
+    if not names:
+        return
+    known = megatron_option_names()
+    if known is None:
+        notes.append("megatron-core is not importable here: the Megatron flags after `--` were not checked "
+                     f"({' '.join(names)})")
+        return
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            out.add("--", f"{name} is not an option of megatron-core's argument parser{hint}", name)
 
 
 def check_files(recipe: Recipe, paths: ExperimentPaths) -> Findings:
