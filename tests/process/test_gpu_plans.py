@@ -1,4 +1,4 @@
-"""The GPU plan scripts stay runnable as the code changes: every bench step of scripts/gpu/issue7.sh (issues 7
+"""The GPU plan scripts stay runnable as the code changes: every bench step of benchmarks/scripts/bench_runs.sh (issues 7
 and 10) is validated with `DRY=1`, which runs the real `infir2 bench --dry-run` (infir2's validation and the
 variants file) without a GPU."""
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "gpu" / "issue7.sh"
+SCRIPT = REPO / "benchmarks" / "scripts" / "bench_runs.sh"
 BENCH_STEPS = ("A", "B", "D", "E", "U", "P", "M", "M2", "N", "S", "G", "I", "K", "full4", "full4seed", "full8")
 
 

@@ -266,7 +266,7 @@ def test_existing_experiment_folder_is_refused_for_a_real_run(exp_root):
     assert "already exists" in str(err.value)
 
 
-CANDIDATES = REPO / "scripts" / "gpu" / "bench_candidates.yaml"
+CANDIDATES = REPO / "benchmarks" / "bench_candidates.yaml"
 
 
 @pytest.mark.parametrize("recipe,seq", [("7b", 8192), ("1.5b", 8192)])

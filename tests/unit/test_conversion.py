@@ -7,7 +7,7 @@
 - Megatron itself (tests/fakes/megatron_cpu_convert.py): the recipe's arguments through parse_and_validate_args,
   the model from GPTModelBuilder, Megatron's save_checkpoint (release), the checkpoint read back, and the
   Megatron forward against transformers' logits; then `infir2 convert megatron-to-hf` for real (torchrun, gloo).
-The GPU parts (Transformer Engine layers, BF16 on CUDA, FP8-trained checkpoints) are scripts/gpu/convert_proof.sh.
+The GPU parts (Transformer Engine layers, BF16 on CUDA, FP8-trained checkpoints) are benchmarks/scripts/convert_proof.sh.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 # megatron-core 0.19.2 installed and `pip install -e .` done. Nothing is downloaded: the HF models are random
 # Qwen2 models made here with transformers, shaped like the `tiny` recipe (4 layers, hidden 1024, FFN 2816,
 # 8 heads, 2 KV heads, RoPE 1e6) with a 32000-token vocabulary padded to 32768 rows.
-#   bash scripts/gpu/convert_proof.sh            # all steps
-#   bash scripts/gpu/convert_proof.sh models convert logits   # some of them
+#   bash benchmarks/scripts/convert_proof.sh            # all steps
+#   bash benchmarks/scripts/convert_proof.sh models convert logits   # some of them
 # Steps: models convert logits roundtrip cpt export final, and cptmain only when named (about 10 minutes in
 # all; to stay under a 10-minute command limit run `models convert logits roundtrip`, then `cpt export final`
 # on the same host). Work goes to $EV (default /tmp/cp); reports accumulate in $EV/reports across calls, and

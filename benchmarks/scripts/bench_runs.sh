@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU runs of issue 7 (infir2 bench: FP8 vs BF16) and the fidelity data, for docs/benchmarks.md, on a host with
-# 1-2 H200s after `bash scripts/gpu/evidence.sh setup`. Each step is a function; steps named `NAME@G` run on
+# 1-2 H200s after `bash benchmarks/scripts/gpu_runs.sh setup`. Each step is a function; steps named `NAME@G` run on
 # GPU G (default 0); `a+b` runs two steps side by side (use different GPUs for benches):
-#   bash scripts/gpu/issue7.sh A@0+convert@1 B@0+E@1 collect
+#   bash benchmarks/scripts/bench_runs.sh A@0+convert@1 B@0+E@1 collect
 # Every bench writes to $EV/exp/<name>/ (bench.json after each variant, table.md, PNGs); `collect` packs all
 # benches' small files and every table into $OUT (results.tgz, tables.md), so a call that is cut short still
 # returns what was measured if it ends with `collect`.
@@ -13,7 +13,7 @@ export INFIR2_EXP_ROOT=$EV/exp PYTHONUNBUFFERED=1 PATH="$HOME/.local/bin:$PATH"
 mkdir -p "$EV" "$OUT" "$INFIR2_EXP_ROOT" "$EV/console"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$EV/steps.txt"; }
 
-C=scripts/gpu/bench_candidates.yaml
+C=benchmarks/bench_candidates.yaml
 B=(infir2 bench --timeout-minutes 5 --variants-file "$C")
 [ -n "${DRY:-}" ] && B+=(--dry-run)  # DRY=1: validate every bench here, run nothing
 S7=(--recipe 7b --layers 8 --seq 8192)
@@ -79,7 +79,7 @@ step_H() {
 # Issue 6's GPU proof (convert_proof.sh) on this step's GPU, its reports under $EV/cp.
 step_convert() {
   local cp=$EV/cp
-  EV=$cp OUT=$cp/out bash scripts/gpu/convert_proof.sh models convert logits roundtrip cpt export final \
+  EV=$cp OUT=$cp/out bash benchmarks/scripts/convert_proof.sh models convert logits roundtrip cpt export final \
     >"$EV/console/convert.txt" 2>&1
   log "convert: exit $?"
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence runs for docs/gpu-runs.md, on a host with 1-2 H200s, TE and megatron-core installed
 # (see ../shared/gpu/install.sh). Each step is a function; run several:
-#   bash scripts/gpu/evidence.sh setup tiny tp2 resume decay sigterm gputests
+#   bash benchmarks/scripts/gpu_runs.sh setup tiny tp2 resume decay sigterm gputests
 # Experiments go to $EV/exp (default /tmp/ev/exp); a summary and the logs land in $OUT (default $EV/out).
 set -uo pipefail
 EV=${EV:-/tmp/ev}
@@ -122,8 +122,8 @@ collect() {
   local dirs=()
   for d in "$INFIR2_EXP_ROOT"/*/; do [ -f "$d/recipe.yaml" ] && dirs+=("$d"); done
   [ ${#dirs[@]} -gt 0 ] || return 0
-  python3 scripts/gpu/run_summary.py "${dirs[@]}" >"$OUT/runs.json" 2>"$OUT/summary-errors.txt"
-  python3 scripts/gpu/tb_summary.py "${dirs[@]}" >"$OUT/tensorboard.json" 2>>"$OUT/summary-errors.txt"
+  python3 benchmarks/scripts/run_summary.py "${dirs[@]}" >"$OUT/runs.json" 2>"$OUT/summary-errors.txt"
+  python3 benchmarks/scripts/tb_summary.py "${dirs[@]}" >"$OUT/tensorboard.json" 2>>"$OUT/summary-errors.txt"
   (cd "$EV" && tar czf "$OUT/logs.tgz" --exclude='*.distcp' --exclude='data_cache' exp/*/logs exp/*/launch.sh \
      exp/*/schedule.json $(ls exp/*/decay_source.json 2>/dev/null) *.out 2>/dev/null)
   find "$INFIR2_EXP_ROOT" -maxdepth 3 -name 'iter_*' -o -maxdepth 3 -name latest_checkpointed_iteration.txt \
