@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU proof of issue 6 (HF <-> Megatron conversion) for docs/gpu-runs.md, on one H200 with TE 2.20.2 and
+# GPU proof of the HF <-> Megatron conversion (benchmarks/2026-11-28-h200, part 2), on one H200 with TE 2.20.2 and
 # megatron-core 0.19.2 installed and `pip install -e .` done. Nothing is downloaded: the HF models are random
 # Qwen2 models made here with transformers, shaped like the `tiny` recipe (4 layers, hidden 1024, FFN 2816,
 # 8 heads, 2 KV heads, RoPE 1e6) with a 32000-token vocabulary padded to 32768 rows.

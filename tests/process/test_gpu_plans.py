@@ -1,5 +1,5 @@
-"""The GPU plan scripts stay runnable as the code changes: every bench step of benchmarks/scripts/bench_runs.sh (issues 7
-and 10) is validated with `DRY=1`, which runs the real `infir2 bench --dry-run` (infir2's validation and the
+"""The GPU plan scripts stay runnable as the code changes: every bench step of benchmarks/scripts/bench_runs.sh
+is validated with `DRY=1`, which runs the real `infir2 bench --dry-run` (infir2's validation and the
 variants file) without a GPU."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
     failed = {name: code for name, code in exits if code != "0"}
     consoles = tmp_path / "ev" / "console"
     assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
-    # the 4- and 8-GPU steps really plan the full 7B at TP 4 (issue 10)
+    # the 4- and 8-GPU steps really plan the full 7B at TP 4
     full8 = (consoles / "b7-full-tp4-dp2.txt").read_text()
     assert "--nproc-per-node=8" in full8 and "--tensor-model-parallel-size 4" in full8
     assert "--num-layers 28" in full8 and "--seq-length 32768" in full8
