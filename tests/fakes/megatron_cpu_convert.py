@@ -1,4 +1,4 @@
-"""The GPU half of `infir2 convert hf-to-megatron`, run on the CPU for tests/unit/test_conversion.py.
+"""The GPU half of `infir2 convert hf-to-megatron`, run on the CPU for tests/process/test_conversion_runs.py.
 
 Real Megatron code with the CUDA-only calls stubbed: torch.cuda.current_device (RoPE and the attention buffer
 move tensors to it), torch.cuda.synchronize (dist_checkpointing's save), the CUDA RNG state (save_checkpoint

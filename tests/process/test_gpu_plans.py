@@ -1,5 +1,5 @@
-"""The GPU plan scripts stay runnable as the code changes: every bench step of scripts/gpu/issue7.sh (issues 7
-and 10) is validated with `DRY=1`, which runs the real `infir2 bench --dry-run` (infir2's validation and the
+"""The GPU plan scripts stay runnable as the code changes: every bench step of benchmarks/scripts/bench_runs.sh
+is validated with `DRY=1`, which runs the real `infir2 bench --dry-run` (infir2's validation and the
 variants file) without a GPU."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "gpu" / "issue7.sh"
+SCRIPT = REPO / "benchmarks" / "scripts" / "bench_runs.sh"
 BENCH_STEPS = ("A", "B", "D", "E", "U", "P", "M", "M2", "N", "S", "G", "I", "K", "full4", "full4seed", "full8")
 
 
@@ -27,8 +27,24 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
     failed = {name: code for name, code in exits if code != "0"}
     consoles = tmp_path / "ev" / "console"
     assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
-    # the 4- and 8-GPU steps really plan the full 7B at TP 4 (issue 10)
+    # the 4- and 8-GPU steps really plan the full 7B at TP 4
     full8 = (consoles / "b7-full-tp4-dp2.txt").read_text()
     assert "--nproc-per-node=8" in full8 and "--tensor-model-parallel-size 4" in full8
     assert "--num-layers 28" in full8 and "--seq-length 32768" in full8
     assert (tmp_path / "ev" / "out" / "results.tgz").is_file()
+
+
+def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None:
+    """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
+    env = {**os.environ, "DRY": "1", "W": str(tmp_path / "w"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
+    exits = re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps)
+    assert {"b7", "b7-dp2", "b15", "fid", "base", "m-fixed", "m-today", "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
+    failed = {name for name, code in exits if code != "0"}
+    consoles = tmp_path / "w" / "res" / "console"
+    assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
+    assert "session done" in steps

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): every bad input refused with exit code 2, one clear message and nothing written;
+"""Reliability: every bad input refused with exit code 2, one clear message and nothing written;
 free space checked before launch; the wall-clock budget; signals and the experiment lock on real launches.
 
 Bad inputs go through the real CLI (typer's CliRunner on infir2_cpt.cli.app). Problems of the machine
@@ -247,7 +247,7 @@ def test_set_on_a_key_that_does_not_exist(cli: Callable[..., Result], exp_root: 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", ".", "..", "/tmp/elsewhere", "-x", "has space"])
 def test_experiment_name_must_be_one_folder(cli: Callable[..., Result], launch_env: Path, tmp_path: Path,
                                             name: str) -> None:
-    """--exp ../x or /abs would put checkpoints outside exp/, '' or '.' into exp/ itself (fixed in issue 8)."""
+    """--exp ../x or /abs would put checkpoints outside exp/, '' or '.' into exp/ itself (refused since)."""
     assert_refused(cli("train", "--recipe", "tiny", "--exp", name), "the experiment name", "must be one folder name")
     assert snapshot(launch_env) is None
     assert not (tmp_path / "escape").exists()

@@ -1,4 +1,4 @@
-"""`infir2 prepare-data` / `inspect-data` (issue 5): raw corpus -> Megatron indexed dataset, all on the CPU.
+"""`infir2 prepare-data` / `inspect-data`: raw corpus -> Megatron indexed dataset, all on the CPU.
 
 The tokenizer is a small BPE trained inside the session (tests/fakes/toy_tokenizer.py); expected token ids come
 from transformers' own encoding of the same text, and what was written is read back through megatron.core.

@@ -61,7 +61,7 @@ def padded_vocab_from_log(text: str) -> Optional[int]:
 
 
 # Timed steps of one variant on a GPU that nothing else uses differ by 1-2.5 % (7B shape on an H200); a run
-# disturbed by another job on the host spread by 9-46 % (benchmarks/2026-11-28).
+# disturbed by another job on the host spread by 9-46 % (benchmarks/2026-11-28-h200).
 NOISY_SPREAD = 0.05
 
 

@@ -2,7 +2,7 @@
 
 Everything here is pure and runs on the CPU: shapes, names, the fused-QKV and fused-fc1 layouts, vocabulary
 padding, config.json generation, and the checks of an HF config against a recipe. Reading and writing
-torch_dist checkpoints needs Megatron and lives in convert_entry.py.
+torch_dist checkpoints needs Megatron and lives in runtime/convert_entry.py.
 
 Megatron names are the model's own `state_dict()` names with the Transformer Engine spec
 (get_gpt_layer_with_transformer_engine_spec), which infir2 trains with:
@@ -40,9 +40,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..recipe.shape import ModelShape, embedding_rows
 from ..errors import ConversionError, Problem
 from ..recipe.schema import Recipe
+from ..recipe.shape import ModelShape, embedding_rows
 
 Tensor = Any  # torch.Tensor; torch is imported lazily so that the CLI starts fast
 

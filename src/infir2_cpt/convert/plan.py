@@ -1,4 +1,4 @@
-"""`infir2 convert ...`: everything checked on the CPU first, then one torchrun process (convert_entry.py).
+"""`infir2 convert ...`: everything checked on the CPU first, then one torchrun process (runtime/convert_entry.py).
 
 plan_*() read the recipe, the HF folder (config.json and the safetensors headers) or the checkpoint's tensor
 metadata, collect every problem, and build the torchrun command; they write nothing. run_plan() starts it.
@@ -22,6 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints as ck
+from ..errors import ConversionError, Problem, RecipeError
+from ..launch.execute import flag_lines
+from ..launch.megatron_args import model_args
+from ..launch.plan import resolve_env
+from ..launch.preflight import nearest_existing
+from ..layout import RECIPE_FILE
+from ..recipe.load import load_recipe
+from ..recipe.schema import Recipe
+from ..recipe.shape import ModelShape
+from ..requests import SET_HELP, option
+from ..runtime.torchrun import GRACE_ENV
 from .mapping import (
     SOURCE_CONFIG_FILE,
     check_hf_state_shapes,
@@ -31,17 +42,6 @@ from .mapping import (
     recipe_padded_vocab,
     tensor_parallel_problems,
 )
-from ..launch.execute import flag_lines
-from ..launch.plan import resolve_env
-from ..layout import RECIPE_FILE
-from ..launch.megatron_args import model_args
-from ..recipe.shape import ModelShape
-from ..errors import ConversionError, Problem, RecipeError
-from ..recipe.schema import Recipe
-from ..requests import SET_HELP, option
-from ..recipe.load import load_recipe
-from ..runtime.torchrun import GRACE_ENV
-from ..launch.preflight import nearest_existing
 
 ENTRY_MODULE = "infir2_cpt.runtime.convert_entry"
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-
 from ..errors import DataError, Problem
 
 # suffix -> how the file is read; .json files are read as JSON Lines, like Megatron's own preprocessing

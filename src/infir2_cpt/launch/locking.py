@@ -37,9 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-from ..layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
 from ..errors import LockError
+from ..layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
 
 LOCK_VERSION = 1
 # How long a reader waits for the holder to finish writing a lock it has just created (O_EXCL then write).

@@ -2,7 +2,7 @@
 
 The list is grouped the way the seed scripts group it (data, parallel, model, training, precision,
 checkpoint, logging) so `--dry-run` reads like them. Deliberate differences from the seed are listed,
-with reasons, in docs/recipes.md; tests/test_golden_seed.py holds us to that list.
+with reasons, in docs/recipes.md; tests/unit/test_golden_seed.py holds us to that list.
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ from pathlib import Path
 from .. import checkpoints as ck
 from ..layout import stop_request_path
 from .. import requests
+from ..errors import LaunchError, Problem, RecipeError, SlurmError
 from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument
 from .plan import LaunchPlan, LaunchRequest, plan_run
-from ..errors import LaunchError, Problem, RecipeError, SlurmError
 
 DEFAULT_PORT = 29400
 DEFAULT_SIGNAL_SECONDS = 300

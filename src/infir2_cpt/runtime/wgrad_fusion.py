@@ -13,7 +13,8 @@ where TE or CUDA is absent (the CPU tests).
 
 Switched by the environment variable INFIR2_WGRAD_FUSION (recipe key `env.INFIR2_WGRAD_FUSION`):
 `1` (every shipped recipe sets it) registers the stand-in when APEX is missing; `0`, or unset, leaves
-gradient-accumulation fusion off without APEX. See docs/benchmarks.md for the measurement.
+gradient-accumulation fusion off without APEX. Measured: benchmarks/README.md ("Keeping gradient-accumulation
+fusion").
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Workarounds for traps of the megatron-core 0.19.2 wheel, each seen on an H200 (see
-../shared/reference/gpu-probe-2026-11-28.md, "Pitfalls"). Pure functions where possible, so the CPU
-tests can check them.
+"""Workarounds for traps of the megatron-core 0.19.2 wheel, each seen on an H200. Pure functions where possible,
+so the CPU tests can check them.
 
 1. megatron.training's initialize runs `make` in megatron/core/datasets to build the dataset helpers.
    The wheel ships the compiled helpers_cpp module but no Makefile, so rank 0 would exit.

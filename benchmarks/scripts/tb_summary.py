@@ -1,6 +1,6 @@
 """Summarize TensorBoard scalars of experiments: tags, number of points, first and last values.
 
-Usage: python scripts/gpu/tb_summary.py EXP_DIR... > summary.json
+Usage: python benchmarks/scripts/tb_summary.py EXP_DIR... > summary.json
 """
 
 from __future__ import annotations

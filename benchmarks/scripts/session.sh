@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session on a 2-GPU host (nvidia-h200-x2), run as a daemon that outlives each device call, so that
 # staging, installing and every measurement share one machine and a call only looks in and collects:
-#   bash scripts/gpu/session.sh prepbg        # CPU only, in the background: text gathered on the host, prepared
+#   bash benchmarks/scripts/session.sh prepbg        # CPU only, in the background: text gathered on the host, prepared
 #                                             # with the Qwen tokenizer (needs w/ staged: megatron-core)
-#   bash scripts/gpu/session.sh start         # (after the last staging call) install, then both lanes, in the background
-#   bash scripts/gpu/session.sh poll 540      # wait up to 540 s (or until done), then pack results into $OUT
+#   bash benchmarks/scripts/session.sh start         # (after the last staging call) install, then both lanes, in the background
+#   bash benchmarks/scripts/session.sh poll 540      # wait up to 540 s (or until done), then pack results into $OUT
 # Lanes: GPU 0 times benches (7B shape, DP 2 memory, 1.5B); GPU 1 runs the stop proof, the base model, the
 # master-weight proof, the CPT comparison, the held-out evaluations, the checkpoint-retention proof and the
 # fidelity runs. Each step logs one line to $W/res/steps.txt; results go to $W/res.
@@ -19,7 +19,7 @@ mkdir -p "$RES" "$DATA" "$INFIR2_EXP_ROOT" "$RES/console"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RES/steps.txt"; }
 DRYF=()
 [ -n "${DRY:-}" ] && DRYF=(--dry-run)
-C=scripts/gpu/bench_candidates.yaml
+C=benchmarks/bench_candidates.yaml
 
 # ---- the text every GPU run here trains on: source and documentation files of the host's Python packages
 TEXT=(--set data.mock=false --set "data.blend=[{path: $DATA/train_text_document, weight: 1.0}]"
@@ -36,7 +36,7 @@ step_prep() {
   python3 -m pip install -q --no-index --no-deps --no-compile /tmp/gpu-stage/w/megatron_core-*.whl >/dev/null 2>&1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
   cp -r .gpu-data/qwen-tokenizer "$TOK" 2>/dev/null
-  python3 scripts/gpu/gather_text.py --out "$DATA" --train-mb 200 --heldout-percent 2 \
+  python3 benchmarks/scripts/gather_text.py --out "$DATA" --train-mb 200 --heldout-percent 2 \
     /opt/torch/.venv/lib/python3.12/site-packages /usr/lib/python3* >"$RES/console/gather.txt" 2>&1
   for split in train heldout; do
     /usr/bin/time -v infir2 prepare-data --input "$DATA/$split.jsonl" --tokenizer "$TOK" \
@@ -74,7 +74,7 @@ step_A15() { bench b15 --recipe 1.5b --seq 8192 "${Q[@]}" --variants bf16,fp8-bl
 step_Bstop() {
   log "stop proof"
   if [ -n "${DRY:-}" ]; then infir2 train --recipe tiny --exp stop-dry --dry-run >/dev/null; log "stop proof: dry $?"; return; fi
-  python3 scripts/gpu/stop_proof.py --out "$RES/stop" >"$RES/console/stop.txt" 2>&1
+  python3 benchmarks/scripts/stop_proof.py --out "$RES/stop" >"$RES/console/stop.txt" 2>&1
   log "stop proof: exit $?"
 }
 train() {  # NAME ARGS...: infir2 train, console to $RES/console/NAME.txt
@@ -126,7 +126,7 @@ step_Beval() {
   log "held-out loss (BF16)"
   [ -n "${DRY:-}" ] && return
   local m=$W/masters e=$INFIR2_EXP_ROOT
-  python3 scripts/gpu/heldout_loss.py --recipe "$e/base/recipe.yaml" --heldout "$DATA/heldout_text_document" \
+  python3 benchmarks/scripts/heldout_loss.py --recipe "$e/base/recipe.yaml" --heldout "$DATA/heldout_text_document" \
     --out "$RES/heldout.json" base="$e/base/checkpoints" \
     masters-today-load="$m/m-today.pt" masters-fixed-load="$m/m-fixed.pt" \
     masters-today-200="$m/cpt-fp8-today-200.pt" masters-fixed-200="$m/cpt-fp8-200.pt" \
@@ -134,8 +134,8 @@ step_Beval() {
     fp8-weights-500="$e/cpt-fp8/checkpoints" bf16-500="$e/cpt-bf16/checkpoints" \
     >"$RES/console/heldout.txt" 2>&1
   log "held-out loss: exit $?"
-  python3 scripts/gpu/tb_summary.py "$e/cpt-fp8" "$e/cpt-fp8-today" "$e/cpt-bf16" "$e/base" >"$RES/tb-summary.json" 2>/dev/null
-  python3 scripts/gpu/tb_curves.py --tag "lm loss" --out "$RES/curves.json" "$e/cpt-fp8" "$e/cpt-fp8-today" \
+  python3 benchmarks/scripts/tb_summary.py "$e/cpt-fp8" "$e/cpt-fp8-today" "$e/cpt-bf16" "$e/base" >"$RES/tb-summary.json" 2>/dev/null
+  python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/curves.json" "$e/cpt-fp8" "$e/cpt-fp8-today" \
     "$e/cpt-bf16" "$e/base" 2>>"$RES/console/heldout.txt"
 }
 step_Bfid() {
@@ -167,14 +167,14 @@ step_run() {  # everything after the staging, as one background job
 }
 
 step_prepbg() {  # prep in the background (the staging calls go on meanwhile)
-  setsid nohup bash scripts/gpu/session.sh prep >"$RES/console/prep-session.txt" 2>&1 &
+  setsid nohup bash benchmarks/scripts/session.sh prep >"$RES/console/prep-session.txt" 2>&1 &
   log "prep started"
 }
 
 step_start() {
   # a copy of the tree: each device call lays the uploaded tree anew under the running jobs
   rm -rf "$W/src" && mkdir -p "$W/src" && tar --exclude=./.gpu-stage -cf - . | tar -xf - -C "$W/src"
-  (cd "$W/src" && setsid nohup bash scripts/gpu/session.sh run >"$RES/console/session.txt" 2>&1 &)
+  (cd "$W/src" && setsid nohup bash benchmarks/scripts/session.sh run >"$RES/console/session.txt" 2>&1 &)
   log "started in $W/src"
 }
 

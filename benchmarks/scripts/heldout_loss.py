@@ -6,7 +6,7 @@ directory with its tracker, or an iter_* / release folder), whose model weights 
 The weights are mapped to a Hugging Face Qwen2 model (infir2's conversion mapping), cast to BF16, and
 run on the first --windows windows of --seq + 1 tokens of the held-out dataset.
 
-    python3 scripts/gpu/heldout_loss.py --recipe exp/base/recipe.yaml --heldout data/heldout_text_document \\
+    python3 benchmarks/scripts/heldout_loss.py --recipe exp/base/recipe.yaml --heldout data/heldout_text_document \\
         --out heldout.json base=exp/base/checkpoints masters-fp8=/tmp/masters.pt
 """
 

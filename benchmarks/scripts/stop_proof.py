@@ -6,7 +6,7 @@ reached, the checkpoint the stop wrote, the launcher's exit code, the seconds fr
 save's own duration (Megatron's "saving checkpoint" and "successfully saved" lines). Then it runs the same
 command again, checks that Megatron loads that iteration, and stops that run too.
 
-    python3 scripts/gpu/stop_proof.py --out $OUT [--cases before,after,...]
+    python3 benchmarks/scripts/stop_proof.py --out $OUT [--cases before,after,...]
 
 Cases run side by side on the GPU (tiny needs ~3 GB each). Experiments go to $INFIR2_EXP_ROOT
 (default /tmp/stop-exp). Writes stop_proof.json and one log per case into --out.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU runs of issue 7 (infir2 bench: FP8 vs BF16) and the fidelity data, for docs/benchmarks.md, on a host with
-# 1-2 H200s after `bash scripts/gpu/evidence.sh setup`. Each step is a function; steps named `NAME@G` run on
+# The `infir2 bench` runs of benchmarks/ (FP8 vs BF16, fidelity, profiles, memory, the full 7B recipe), on a host with
+# 1-2 H200s after `bash benchmarks/scripts/gpu_runs.sh setup`. Each step is a function; steps named `NAME@G` run on
 # GPU G (default 0); `a+b` runs two steps side by side (use different GPUs for benches):
-#   bash scripts/gpu/issue7.sh A@0+convert@1 B@0+E@1 collect
+#   bash benchmarks/scripts/bench_runs.sh A@0+convert@1 B@0+E@1 collect
 # Every bench writes to $EV/exp/<name>/ (bench.json after each variant, table.md, PNGs); `collect` packs all
 # benches' small files and every table into $OUT (results.tgz, tables.md), so a call that is cut short still
 # returns what was measured if it ends with `collect`.
@@ -13,14 +13,14 @@ export INFIR2_EXP_ROOT=$EV/exp PYTHONUNBUFFERED=1 PATH="$HOME/.local/bin:$PATH"
 mkdir -p "$EV" "$OUT" "$INFIR2_EXP_ROOT" "$EV/console"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$EV/steps.txt"; }
 
-C=scripts/gpu/bench_candidates.yaml
+C=benchmarks/bench_candidates.yaml
 B=(infir2 bench --timeout-minutes 5 --variants-file "$C")
 [ -n "${DRY:-}" ] && B+=(--dry-run)  # DRY=1: validate every bench here, run nothing
 S7=(--recipe 7b --layers 8 --seq 8192)
 Q=(--steps 12 --warmup-steps 3)   # screening length: 15 iterations, 12 timed
 bench() { local name=$1; shift; log "bench $name: $*"; "${B[@]}" "$@" --exp-name "$name" >"$EV/console/$name.txt" 2>&1; log "bench $name: exit $?"; }
 
-# The issue's comparison with the built-in variants (the seed's FP8 flags against BF16), 20 timed steps.
+# The built-in variants (the seed's FP8 flags against BF16), 20 timed steps.
 step_A() { bench b7-A "${S7[@]}" --variants bf16,fp8-blockwise,fp8-tensorwise; }
 # BF16 at its best against FP8 candidates: fused cross-entropy, gradient-accumulation fusion, micro batch 2.
 step_B() { bench b7-B "${S7[@]}" "${Q[@]}" --baseline bf16-ce \
@@ -28,7 +28,7 @@ step_B() { bench b7-B "${S7[@]}" "${Q[@]}" --baseline bf16-ce \
 # 16 layers: the FP8-able share of the FLOPs grows from 70.5 % to 78.6 %.
 step_D() { bench b7-D --recipe 7b --layers 16 --seq 8192 "${Q[@]}" --baseline bf16-ce --variants bf16-ce,fp8-ce,fp8-ce-wgrad; }
 # Qwen2.5-1.5B as the recipe has it (28 layers, tied embeddings), seq 8192, alone on the host (run E of
-# session 2 ran beside a 7B bench and was disturbed). The built-ins carry the recipes' fusions; *-seedflags not.
+# the first 1.5B run ran beside a 7B bench and was disturbed). The built-ins carry the recipes' fusions; *-seedflags not.
 step_E() { bench b15-E2 --recipe 1.5b --seq 8192 "${Q[@]}" --variants bf16,fp8-blockwise,bf16-seedflags,fp8-seedflags; }
 # The same with untied embeddings (the GPU probe's 1.5B was untied).
 step_U() { bench b15-U --recipe 1.5b --seq 8192 "${Q[@]}" --set model.untie_embeddings=true --variants bf16,fp8-blockwise; }
@@ -51,7 +51,7 @@ step_I() { bench b7-I "${S7[@]}" "${Q[@]}" --baseline fp8-ce \
 step_K() { bench b7-K "${S7[@]}" "${Q[@]}" --baseline bf16-ce-bf16states \
   --variants bf16-ce-bf16states,fp8-ce-bf16states,fp8-ce-nopao,fp8-ce-cudagraph; }
 
-# Issue 10: the full 7B recipe (28 layers, seq 32768, TP 4, sequence parallel, the recipe's FP8 flags) on 4 GPUs
+# The full 7B recipe (28 layers, seq 32768, TP 4, sequence parallel, the recipe's FP8 flags) on 4 GPUs
 # (DP 1) and 8 GPUs (DP 2); mock data and 8 micro-batches per DP rank per step (GBS 8 / 16) instead of the
 # recipe's GBS 128, so that 13 iterations fit a 10-minute call. `*seed` adds the seed's own flags (no fusions).
 FULL=(--recipe 7b --tensor-parallel 4 --steps 10 --warmup-steps 3)
@@ -76,10 +76,10 @@ step_H() {
   bench fid-H --fidelity --recipe tiny --data "$EV/data/toy_text_document" --tokenizer "$EV/data/toy-tokenizer" \
     --steps 500 --variants bf16,fp8-blockwise,fp8-ce-wgrad
 }
-# Issue 6's GPU proof (convert_proof.sh) on this step's GPU, its reports under $EV/cp.
+# The conversion proof (convert_proof.sh) on this step's GPU, its reports under $EV/cp.
 step_convert() {
   local cp=$EV/cp
-  EV=$cp OUT=$cp/out bash scripts/gpu/convert_proof.sh models convert logits roundtrip cpt export final \
+  EV=$cp OUT=$cp/out bash benchmarks/scripts/convert_proof.sh models convert logits roundtrip cpt export final \
     >"$EV/console/convert.txt" 2>&1
   log "convert: exit $?"
 }

@@ -2,7 +2,7 @@
 folders (installed Python packages have plenty), as JSONL {"text": ...}, split by a hash of each file's path
 into a training file and a held-out file (so no file is in both).
 
-    python3 scripts/gpu/gather_text.py --out /tmp/text --train-mb 200 --heldout-percent 2 /usr/lib/python3 ...
+    python3 benchmarks/scripts/gather_text.py --out /tmp/text --train-mb 200 --heldout-percent 2 /usr/lib/python3 ...
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One TensorBoard scalar of several experiments, every logged step: {experiment: [[step, value], ...]}.
 
-Usage: python scripts/gpu/tb_curves.py --tag "lm loss" --out curves.json EXP_DIR...
+Usage: python benchmarks/scripts/tb_curves.py --tag "lm loss" --out curves.json EXP_DIR...
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-experiment figures from Megatron's own console log lines (exp/<name>/logs/*.log).
 
-Usage: python scripts/gpu/run_summary.py EXP_DIR... > runs.json
+Usage: python benchmarks/scripts/run_summary.py EXP_DIR... > runs.json
 """
 
 from __future__ import annotations

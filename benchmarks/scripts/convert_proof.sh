@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU proof of issue 6 (HF <-> Megatron conversion) for docs/gpu-runs.md, on one H200 with TE 2.20.2 and
+# GPU proof of the HF <-> Megatron conversion (benchmarks/2026-11-28-h200, part 2), on one H200 with TE 2.20.2 and
 # megatron-core 0.19.2 installed and `pip install -e .` done. Nothing is downloaded: the HF models are random
 # Qwen2 models made here with transformers, shaped like the `tiny` recipe (4 layers, hidden 1024, FFN 2816,
 # 8 heads, 2 KV heads, RoPE 1e6) with a 32000-token vocabulary padded to 32768 rows.
-#   bash scripts/gpu/convert_proof.sh            # all steps
-#   bash scripts/gpu/convert_proof.sh models convert logits   # some of them
+#   bash benchmarks/scripts/convert_proof.sh            # all steps
+#   bash benchmarks/scripts/convert_proof.sh models convert logits   # some of them
 # Steps: models convert logits roundtrip cpt export final, and cptmain only when named (about 10 minutes in
 # all; to stay under a 10-minute command limit run `models convert logits roundtrip`, then `cpt export final`
 # on the same host). Work goes to $EV (default /tmp/cp); reports accumulate in $EV/reports across calls, and

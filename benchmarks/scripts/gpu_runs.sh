@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU evidence runs for docs/gpu-runs.md, on a host with 1-2 H200s, TE and megatron-core installed
+# The training runs of benchmarks/2026-11-28-h200 (part 1), on a host with 1-2 H200s, TE and megatron-core installed
 # (see ../shared/gpu/install.sh). Each step is a function; run several:
-#   bash scripts/gpu/evidence.sh setup tiny tp2 resume decay sigterm gputests
+#   bash benchmarks/scripts/gpu_runs.sh setup tiny tp2 resume decay sigterm gputests
 # Experiments go to $EV/exp (default /tmp/ev/exp); a summary and the logs land in $OUT (default $EV/out).
 set -uo pipefail
 EV=${EV:-/tmp/ev}
@@ -35,7 +35,7 @@ step_setup() {
   python3 -c "import torch, transformer_engine as te, megatron.core as mc; print('torch', torch.__version__, 'TE', te.__version__, 'mcore', mc.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/steps.txt"
 }
 
-step_tiny() {  # issue 3: tiny recipe, FP8 blockwise (GPU 0) and BF16 (GPU 1) side by side
+step_tiny() {  # tiny recipe, FP8 blockwise (GPU 0) and BF16 (GPU 1) side by side
   log "tiny fp8 + bf16"
   CUDA_VISIBLE_DEVICES=0 timeout 400 infir2 train --recipe tiny --exp tiny-fp8 --rdzv-endpoint localhost:29501 >"$EV/tiny-fp8.out" 2>&1 &
   local a=$!
@@ -45,7 +45,7 @@ step_tiny() {  # issue 3: tiny recipe, FP8 blockwise (GPU 0) and BF16 (GPU 1) si
   wait $b; log "tiny-bf16 exit $?"
 }
 
-step_tp2() {  # issue 3: 1.5B shape, 4 layers, TP=2 with the seed's flags, on 2 GPUs
+step_tp2() {  # 1.5B shape, 4 layers, TP=2 with the seed's flags, on 2 GPUs
   log "tp2 1.5b"
   timeout 400 infir2 train --recipe 1.5b --exp tp2-1.5b --nproc-per-node 2 --rdzv-endpoint localhost:29503 \
     --set model.num_layers=4 --set model.seq_length=4096 --set model.max_position_embeddings=4096 \
@@ -57,7 +57,7 @@ step_tp2() {  # issue 3: 1.5B shape, 4 layers, TP=2 with the seed's flags, on 2 
   log "tp2 exit $?"
 }
 
-step_resume() {  # issue 4: SIGKILL the whole process group past two saves, re-run the same command
+step_resume() {  # SIGKILL the whole process group past two saves, re-run the same command
   log "resume: first run"
   local cmd=(infir2 train --recipe tiny --exp tiny-resume --rdzv-endpoint localhost:29504)
   local pid; pid=$(CUDA_VISIBLE_DEVICES=0 start_bg "$EV/resume-1.out" "${cmd[@]}")
@@ -69,7 +69,7 @@ step_resume() {  # issue 4: SIGKILL the whole process group past two saves, re-r
   CUDA_VISIBLE_DEVICES=0 timeout 400 "${cmd[@]}" >"$EV/resume-2.out" 2>&1; log "resume: second run exit $?"
 }
 
-step_decay() {  # issue 4: decay from a stable checkpoint, killed and re-run
+step_decay() {  # decay from a stable checkpoint, killed and re-run
   log "decay: first run from iter_0000200"
   local cmd=(infir2 decay --recipe tiny --load iter_0000200 --exp tiny-resume_decay --set checkpoint.save_interval=20 --rdzv-endpoint localhost:29505)
   [ -d "$INFIR2_EXP_ROOT/tiny-resume/checkpoints/iter_0000200" ] || { log "decay: no stable checkpoint"; return; }
@@ -84,7 +84,7 @@ step_decay() {  # issue 4: decay from a stable checkpoint, killed and re-run
   CUDA_VISIBLE_DEVICES=0 timeout 400 "${cmd[@]}" >"$EV/decay-2.out" 2>&1; log "decay: second run exit $?"
 }
 
-step_sigterm() {  # issue 8: SIGTERM to `infir2 train` mid-run: checkpoint at that iteration, exit 0, resume
+step_sigterm() {  # SIGTERM to `infir2 train` mid-run: checkpoint at that iteration, exit 0, resume
   log "sigterm: first run"
   local cmd=(infir2 train --recipe tiny --exp tiny-term --rdzv-endpoint localhost:29506)
   CUDA_VISIBLE_DEVICES=1 "${cmd[@]}" >"$EV/term-1.out" 2>&1 &
@@ -97,7 +97,7 @@ step_sigterm() {  # issue 8: SIGTERM to `infir2 train` mid-run: checkpoint at th
   CUDA_VISIBLE_DEVICES=1 timeout 400 "${cmd[@]}" >"$EV/term-2.out" 2>&1; log "sigterm: second run exit $?"
 }
 
-step_data() {  # issue 5: the tiny recipe on a dataset made by `infir2 prepare-data` (toy corpus + toy tokenizer)
+step_data() {  # the tiny recipe on a dataset made by `infir2 prepare-data` (toy corpus + toy tokenizer)
   log "data: corpus, tokenizer, prepare-data"
   local d=$EV/data
   mkdir -p "$d"
@@ -122,8 +122,8 @@ collect() {
   local dirs=()
   for d in "$INFIR2_EXP_ROOT"/*/; do [ -f "$d/recipe.yaml" ] && dirs+=("$d"); done
   [ ${#dirs[@]} -gt 0 ] || return 0
-  python3 scripts/gpu/run_summary.py "${dirs[@]}" >"$OUT/runs.json" 2>"$OUT/summary-errors.txt"
-  python3 scripts/gpu/tb_summary.py "${dirs[@]}" >"$OUT/tensorboard.json" 2>>"$OUT/summary-errors.txt"
+  python3 benchmarks/scripts/run_summary.py "${dirs[@]}" >"$OUT/runs.json" 2>"$OUT/summary-errors.txt"
+  python3 benchmarks/scripts/tb_summary.py "${dirs[@]}" >"$OUT/tensorboard.json" 2>>"$OUT/summary-errors.txt"
   (cd "$EV" && tar czf "$OUT/logs.tgz" --exclude='*.distcp' --exclude='data_cache' exp/*/logs exp/*/launch.sh \
      exp/*/schedule.json $(ls exp/*/decay_source.json 2>/dev/null) *.out 2>/dev/null)
   find "$INFIR2_EXP_ROOT" -maxdepth 3 -name 'iter_*' -o -maxdepth 3 -name latest_checkpointed_iteration.txt \
