@@ -27,17 +27,7 @@ def load_weights(source: Path, num_layers: int) -> dict[str, Any]:
 
     if source.is_file():
         return torch.load(source, map_location="cpu")
-    folder = checkpoint_folder(source)
-    from megatron.core import dist_checkpointing
-
-    names = [k for k in dist_checkpointing.load_tensors_metadata(str(folder)) if not k.startswith("optimizer.")]
-    per_layer = []
-    for key in names:
-        if key.startswith("decoder.layers.") and not key[len("decoder.layers."):][:1].isdigit():
-            per_layer += [f"decoder.layers.{i}.{key[len('decoder.layers.'):]}" for i in range(num_layers)]
-        else:
-            per_layer.append(key)
-    return read_model_tensors(folder, per_layer, num_layers)
+    return read_model_tensors(checkpoint_folder(source), None, num_layers)
 
 
 def heldout_windows(prefix: str, seq: int, count: int) -> Any:

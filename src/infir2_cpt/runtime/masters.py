@@ -134,15 +134,23 @@ def checkpoint_folder(ckpt_dir: Path) -> Path:
     return ckpt_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
 
 
-def read_model_tensors(folder: Path, names: Iterable[str], num_layers: int) -> dict[str, Any]:
-    """The model's weights in a torch_dist folder, read model-free (global tensors, on the CPU)."""
-    from megatron.core import dist_checkpointing
+def read_model_tensors(folder: Path, names: Iterable[str] | None, num_layers: int) -> dict[str, Any]:
+    """The model's weights in a torch_dist folder (those named, or all), read model-free (global tensors, on the
+    CPU) with torch's own checkpoint reader, without a process group: it runs inside a training process as in a
+    plain script."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dist_checkpointing.load_tensors_metadata(str(folder))
-    wanted = {k: v for k, v in metadata.items() if not k.startswith("optimizer.")}
-    loaded = dist_checkpointing.load(wanted, str(folder), validate_access_integrity=False)
-    state = unstack_checkpoint_layers(loaded, num_layers)
-    return {name: state[name] for name in names if name in state}
+    reader = dcp.FileSystemReader(str(folder))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+              for key, meta in metadata.items()
+              if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
+              and "_extra_state" not in key}
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    state = unstack_checkpoint_layers(wanted, num_layers)
+    return state if names is None else {name: state[name] for name in names if name in state}
 
 
 # --------------------------------------------------------------------------- Megatron objects (GPU)
