@@ -36,7 +36,7 @@ TRACE_GLOB = "torch_profile/rank-*.json*"  # where Megatron writes the profiler 
 class BenchRequest:
     """Everything `infir2 bench` is asked on the command line."""
 
-    recipe: str = option("--recipe", "-r", help=RECIPE_HELP)
+    recipe: str = option("--recipe", "-r", help=RECIPE_HELP, metavar="NAME|FILE")
     layers: Optional[int] = option("--layers", help="Transformer layers (default: the recipe's).", default=None)
     seq: Optional[int] = option("--seq", help="Sequence length (default: the recipe's).", default=None)
     micro_batch: Optional[int] = option("--micro-batch", help="Micro batch size (default: the recipe's).",
@@ -59,12 +59,13 @@ class BenchRequest:
         "--variants-file", metavar="YAML", help="More variants: `variants: {NAME: {base, set, args}}` (run when "
         "named in --variants; without --variants, after the defaults).", default=None)
     baseline: str = option("--baseline", help="The variant the ratios are taken against.", default="bf16")
-    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
     nproc_per_node: int = option("--nproc-per-node", help="GPUs (processes) per variant.", default=1)
     tensor_parallel: Optional[int] = option(
         "--tensor-parallel", help="TP size (default: gcd of the recipe's TP and --nproc-per-node).", default=None)
     exp_name: Optional[str] = option(
-        "--exp-name", help="Folder under exp/ for the runs and results (default bench-<date>-<time>).", default=None)
+        "--exp", "--exp-name", help="Folder under exp/ for the runs and results (default bench-<date>-<time>).",
+        default=None, metavar="NAME")
     gpu_name: Optional[str] = option(
         "--gpu-name", help="GPU name for the peak table (default: torch.cuda.get_device_name).", default=None)
     fidelity: bool = option(
@@ -89,7 +90,7 @@ class BenchRequest:
     verbose: bool = option("--verbose", "-v", help="Echo every line of the runs, not only iterations.", default=False)
     dry_run: bool = option("--dry-run", help="Validate every variant and print its command; run nothing.",
                            default=False)
-    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="EXTRA", show_default=False)
+    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="-- MEGATRON_FLAGS", show_default=False)
 
 
 @dataclass
@@ -189,7 +190,7 @@ def _check_numbers(req: BenchRequest) -> list[Problem]:
         problems.append(Problem("--data" if req.data else "--tokenizer", "only with --fidelity (speed runs use "
                                 "mock data)"))
     if req.exp_name is not None and not EXP_NAME_RE.match(req.exp_name):
-        problems.append(Problem("--exp-name", "must be one folder name (letters, digits, ._+=-)", req.exp_name))
+        problems.append(Problem("--exp", "must be one folder name (letters, digits, ._+=-)", req.exp_name))
     return problems
 
 
@@ -333,7 +334,7 @@ def plan_bench(req: BenchRequest, env: Optional[LaunchEnv] = None) -> BenchPlan:
             problems += machine
             if launch.paths.root.exists():
                 problems.append(Problem(f"[{variant.name}]", f"{launch.paths.root} already exists: choose another "
-                                        "--exp-name", name))
+                                        "--exp", name))
         r = launch.recipe
         world = r.launch.nnodes * r.launch.nproc_per_node
         plans.append(VariantPlan(variant=variant, sets=sets, extra_args=extra, launch=launch, train_iters=train_iters,

@@ -11,7 +11,7 @@ from typer.core import TyperGroup
 
 from ..errors import Infir2Error
 from . import bench, convert, data, reports, train
-from .options import PassThroughCommand, from_request
+from .options import Command, PassThroughCommand, from_request
 
 
 class _ReportingGroup(TyperGroup):
@@ -37,30 +37,30 @@ app = _typer("FP8 continual pre-training of Qwen2.5 on Megatron: recipes, valida
 app.info.name = "infir2"
 
 # launching
-app.command("train", cls=PassThroughCommand)(from_request(train.train, exclude=("decay_load", "stable_exp")))
-app.command("decay", cls=PassThroughCommand)(from_request(train.decay, required=("decay_load",)))
-app.command("stop")(train.stop)
-app.command("recipes")(train.list_recipes)
-app.command("show")(train.show)
-app.command("sbatch", cls=PassThroughCommand)(from_request(train.sbatch))
+app.command("train", cls=PassThroughCommand, short_help="Train a recipe (warmup, stable, decay); resumes.")(from_request(train.train, exclude=("decay_load", "stable_exp")))
+app.command("decay", cls=PassThroughCommand, short_help="Anneal from a stable checkpoint (own experiment).")(from_request(train.decay, required=("decay_load",)))
+app.command("stop", cls=Command, short_help="Save a checkpoint and stop a running launch.")(train.stop)
+app.command("recipes", cls=Command, short_help="List the shipped recipes.")(train.list_recipes)
+app.command("show", cls=Command, short_help="Print a recipe resolved, as YAML.")(train.show)
+app.command("sbatch", cls=PassThroughCommand, short_help="Write a Slurm batch script that requeues itself.")(from_request(train.sbatch))
 # reading a run back
-app.command("checkpoints")(reports.checkpoints)
-app.command("schedule")(reports.schedule)
+app.command("checkpoints", cls=Command, short_help="An experiment's checkpoints: phase, LR, tokens.")(reports.checkpoints)
+app.command("schedule", cls=Command, short_help="The learning-rate curve of a recipe.")(reports.schedule)
 # data
-app.command("prepare-data")(data.prepare_data)
-app.command("inspect-data")(data.inspect_data)
+app.command("prepare-data", cls=Command, short_help="Tokenize a corpus into an indexed dataset.")(data.prepare_data)
+app.command("inspect-data", cls=Command, short_help="Show what an indexed dataset holds.")(data.inspect_data)
 # checkpoint conversion
 convert_app = _typer("Hugging Face <-> Megatron (torch_dist) checkpoints of Qwen2.5-shaped models; see "
                      "docs/conversion.md.")
-convert_app.command("hf-to-megatron")(from_request(convert.hf_to_megatron))
-convert_app.command("megatron-to-hf")(from_request(convert.megatron_to_hf))
-convert_app.command("check-logits")(from_request(convert.check_logits))
-app.add_typer(convert_app, name="convert")
+convert_app.command("hf-to-megatron", cls=Command, short_help="Hugging Face Qwen2.5 -> Megatron checkpoint.")(from_request(convert.hf_to_megatron))
+convert_app.command("megatron-to-hf", cls=Command, short_help="Megatron checkpoint -> Hugging Face folder.")(from_request(convert.megatron_to_hf))
+convert_app.command("check-logits", cls=Command, short_help="Compare a Megatron checkpoint's logits with HF's.")(from_request(convert.check_logits))
+app.add_typer(convert_app, name="convert", short_help="Hugging Face <-> Megatron checkpoints.")
 # benchmarking
-app.command("bench", cls=PassThroughCommand)(from_request(bench.bench, extra=bench.COMPATIBILITY_OPTIONS))
-app.command("bench-variants")(bench.bench_variants)
-app.command("trace-breakdown")(bench.trace_breakdown)
-app.command("memory-breakdown")(bench.memory_breakdown)
+app.command("bench", cls=PassThroughCommand, short_help="FP8 against BF16: step time, memory, fidelity.")(from_request(bench.bench, extra=bench.COMPATIBILITY_OPTIONS))
+app.command("bench-variants", cls=Command, short_help="List the built-in bench variants.")(bench.bench_variants)
+app.command("trace-breakdown", cls=Command, short_help="GPU time per kernel category of a profile.")(bench.trace_breakdown)
+app.command("memory-breakdown", cls=Command, short_help="What is live at a CUDA memory snapshot's peak.")(bench.memory_breakdown)
 
 
 def main() -> None:

@@ -22,6 +22,12 @@ def bench(req: BenchRequest) -> None:
     bench.png there. `infir2 bench --recipe 7b --layers 8 --seq 8192` compares the precisions on one GPU.
     --set applies to every variant; Megatron flags after `--` too. Exit 2: invalid request (nothing run);
     exit 1: a variant failed.
+
+    Examples:
+
+    
+      infir2 bench --recipe 7b --layers 8 --seq 8192
+      infir2 bench --recipe tiny --fidelity --data data/corpus_text_document --tokenizer /models/Qwen2.5-7B
     """
     from ..bench import plan as bench_plan
     from ..bench import run as bench_run
@@ -46,7 +52,13 @@ def bench(req: BenchRequest) -> None:
 
 
 def bench_variants() -> None:
-    """List the built-in bench variants: what each one sets (infir2 bench --variants NAME,...)."""
+    """List the built-in bench variants: what each one sets (infir2 bench --variants NAME,...).
+
+    Examples:
+
+    
+      infir2 bench-variants
+    """
     from ..bench.variants import list_variants
 
     print(list_variants())
@@ -55,7 +67,13 @@ def bench_variants() -> None:
 def trace_breakdown(traces: Annotated[list[Path], typer.Argument(
         metavar="TRACE...", help="PyTorch-profiler traces (.json or .json.gz), as `infir2 bench --profile` writes.",
         show_default=False)]) -> None:
-    """GPU time per step by kernel category (FP8 and BF16 GEMMs, attention, casts, optimizer, communication)."""
+    """GPU time per step by kernel category (FP8 and BF16 GEMMs, attention, casts, optimizer, communication).
+
+    Examples:
+
+    
+      infir2 trace-breakdown exp/bench-x/fp8-blockwise/torch_profile/*.json.gz
+    """
     from ..bench.trace import trace_file_report
 
     for trace in traces:
@@ -65,7 +83,13 @@ def trace_breakdown(traces: Annotated[list[Path], typer.Argument(
 def memory_breakdown(snapshots: Annotated[list[Path], typer.Argument(
         metavar="SNAPSHOT...", help="CUDA memory snapshots (.pickle), as written by `infir2 bench --memory-snapshot` "
         "or Megatron's --record-memory-history.", show_default=False)]) -> None:
-    """What is live at the peak of a CUDA memory snapshot, by training phase and call site."""
+    """What is live at the peak of a CUDA memory snapshot, by training phase and call site.
+
+    Examples:
+
+    
+      infir2 memory-breakdown exp/bench-x/fp8-blockwise/memory_snapshot.pickle
+    """
     from ..bench.memory import snapshot_file_report
 
     for snapshot in snapshots:

@@ -26,7 +26,7 @@ def prepare_data(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop at the first malformed line or record without the text field, instead of skipping "
         "and counting it.")] = False,
-    more_inputs: Annotated[Optional[list[str]], typer.Argument(
+    more_inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...",
         help="More inputs, so that a shell glob works: --input data/*.jsonl.", show_default=False)] = None,
 ) -> None:
     """Tokenize a raw corpus into a Megatron indexed dataset: OUTPUT_PREFIX_text_document.bin/.idx.
@@ -39,6 +39,11 @@ def prepare_data(
     Malformed lines and records without the text field are skipped and counted (--strict: fatal); empty
     documents are skipped. Files are written under temporary names and renamed at the end, so a failed or
     interrupted run leaves no final-named file. Progress (documents/s, tokens/s) goes to stderr.
+
+    Examples:
+
+    
+      infir2 prepare-data --input corpus.jsonl.gz --tokenizer /models/Qwen2.5-7B --output-prefix data/corpus --workers 16
     """
     from ..data.prepare import format_prepare_report, prepare_data as prepare
 
@@ -52,16 +57,22 @@ def prepare_data(
 
 
 def inspect_data(
-    prefix: Annotated[str, typer.Argument(
+    prefix: Annotated[str, typer.Argument(metavar="PREFIX",
         help="PREFIX_text_document (or the PREFIX given to prepare-data, or the .bin/.idx path).", show_default=False)],
     tokenizer: Annotated[Optional[str], typer.Option(
         "--tokenizer", "-t", help="Tokenizer folder, to show the documents as text instead of token ids.",
         show_default=False)] = None,
-    n: Annotated[int, typer.Option("--n", "-n", help="How many documents to show, from the first.")] = 3,
+    n: Annotated[int, typer.Option("--count", "-n", "--n", metavar="N",
+                                   help="How many documents to show, from the first.")] = 3,
 ) -> None:
     """Show an indexed dataset: documents, tokens, token dtype, length range and its first documents.
 
     Also checks that the .bin holds exactly the tokens its .idx describes.
+
+    Examples:
+
+    
+      infir2 inspect-data data/corpus_text_document --tokenizer /models/Qwen2.5-7B -n 2
     """
     from ..data.inspect import format_summary, inspect_data as inspect
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
@@ -19,7 +20,20 @@ from typer.core import TyperCommand
 from ..requests import RECIPE_HELP, SET_HELP, Flag
 
 
-class PassThroughCommand(TyperCommand):
+class Command(TyperCommand):
+    """Every infir2 command: a value is shown as N, X, TEXT or PATH unless its option names its own (typer would
+    show `<str>`, `<list[str]>`), and an argument by its metavar alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar:
+                param.display_type_rich = lambda ctx=None: None  # type: ignore[method-assign]
+            elif param.param_type_name == "option" and param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = default_metavar(param.type_descriptor.annotation)
+
+
+class PassThroughCommand(Command):
     """A command whose trailing argument collects Megatron flags: only the words after `--` go there.
 
     click puts every word that is not an option into the variadic argument, before `--` as after it, so a
@@ -40,11 +54,23 @@ class PassThroughCommand(TyperCommand):
         return rest
 
 
-def _typer_info(flag: Flag, required: bool) -> Any:
+# What a value looks like in --help when the field does not say: by its type, as torchrun and argparse show them.
+_METAVARS = {int: "N", float: "X", str: "TEXT", bool: None}
+
+
+def default_metavar(annotation: Any) -> str | None:
+    """N, X, TEXT or PATH for a field's type (the element type of a list; the inner type of an Optional)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (list, tuple) or (args and len(args) == 1):
+        return default_metavar(args[0]) if args else "TEXT"
+    return "PATH" if annotation is Path or getattr(annotation, "__name__", "") == "Path" else _METAVARS.get(annotation, "TEXT")
+
+
+def _typer_info(flag: Flag, annotation: Any) -> Any:
+    metavar = flag.metavar if flag.metavar is not None else default_metavar(annotation)
     if flag.argument:
-        return typer.Argument(help=flag.help, metavar=flag.metavar, show_default=flag.show_default)
-    return typer.Option(*flag.decls, help=flag.help, metavar=flag.metavar, show_default=flag.show_default,
-                        min=flag.min)
+        return typer.Argument(help=flag.help, metavar=metavar, show_default=flag.show_default)
+    return typer.Option(*flag.decls, help=flag.help, metavar=metavar, show_default=flag.show_default, min=flag.min)
 
 
 def from_request(run: Callable[[Any], None], *, exclude: Sequence[str] = (), required: Sequence[str] = (),
@@ -74,7 +100,7 @@ def from_request(run: Callable[[Any], None], *, exclude: Sequence[str] = (), req
         if flag.parse is not None:
             parsers[field.name] = flag.parse
             annotation = Optional[str] if default is None else str
-        info = _typer_info(flag, default is inspect.Parameter.empty)
+        info = _typer_info(flag, hints[field.name])
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[annotation, info]))
     extra_names = {p.name for p in extra}
@@ -99,8 +125,8 @@ def from_request(run: Callable[[Any], None], *, exclude: Sequence[str] = (), req
 
 
 # Options of the commands that take no request (their signature is their only declaration).
-RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help=RECIPE_HELP)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help=SET_HELP)]
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help=RECIPE_HELP, metavar="NAME|FILE")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help=SET_HELP, metavar="KEY=VALUE")]
 DecayFromOpt = Annotated[Optional[int], typer.Option(
     "--decay-from", metavar="K",
     help="Show the run of `infir2 decay --load iter_K`: train_iters K + decay_iters, no warmup, anneal from K.")]

@@ -12,7 +12,7 @@ from .options import DecayFromOpt, RecipeOpt, SetOpt
 
 
 def checkpoints(
-    exp: Annotated[str, typer.Argument(
+    exp: Annotated[str, typer.Argument(metavar="EXP",
         help="Experiment name (a folder of exp/, or of $INFIR2_EXP_ROOT), or the path of an experiment folder.")],
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", "-r", help="Take the schedule from this recipe instead of the experiment's recorded "
@@ -25,6 +25,12 @@ def checkpoints(
     The schedule comes from exp/<EXP>/schedule.json and recipe.yaml (written at every launch; for a decay
     run decay_source.json names the stable checkpoint), or from --recipe. The checkpoint a re-run would
     resume from is marked, with the reason, and the tracker file's state is shown.
+
+    Examples:
+
+    
+      infir2 checkpoints InfiR2_CPT_FP8_7B
+      infir2 checkpoints tiny --decay-from 200
     """
     from ..layout import exp_root
     from ..reports.checkpoint_table import checkpoints_report
@@ -46,6 +52,11 @@ def schedule(
     The learning rate at iteration i is what Megatron's scheduler sets after i optimizer steps (the value
     a checkpoint at i resumes with, and the one logged at iteration i). With --decay-from K it is the
     curve of `infir2 decay --recipe RECIPE --load iter_K`, with the stable run's part before K.
+
+    Examples:
+
+    
+      infir2 schedule --recipe 7b --png lr.png
     """
     from ..reports.curve import recipe_curve
     from ..reports.schedule_plot import plot_png, schedule_report

@@ -36,6 +36,13 @@ def train(req: LaunchRequest) -> None:
     skipped, and the reason printed). Without one, starts from checkpoint.pretrained, or from random
     weights if that is unset. On several hosts run the same command on each with --nnodes and
     --rdzv-endpoint FIRST_HOST:PORT.
+
+    Examples:
+
+    
+      infir2 train --recipe tiny
+      infir2 train --recipe 7b --nnodes 4 --rdzv-endpoint node01:29400 --dry-run
+      infir2 train --recipe 7b --set checkpoint.pretrained=ckpt/qwen2.5-7b -- --manual-gc
     """
     _launch(req)
 
@@ -47,12 +54,18 @@ def decay(req: LaunchRequest) -> None:
     trains until k + decay_iters with warmup 0 and --override-opt_param-scheduler; weights and optimizer
     state come from the checkpoint. Re-running the same command resumes the decay from its own latest
     checkpoint, never from the stable checkpoint again.
+
+    Examples:
+
+    
+      infir2 decay --recipe 7b --load iter_0035000
+      infir2 decay --recipe tiny --load 200 --stable-exp my-run --exp my-run-decay200
     """
     _launch(req)
 
 
 def stop(
-    exp: Annotated[str, typer.Argument(
+    exp: Annotated[str, typer.Argument(metavar="EXP",
         help="Experiment name (a folder of exp/, or of $INFIR2_EXP_ROOT), or the path of an experiment folder.")],
 ) -> None:
     """Ask a running launch to save a checkpoint and stop, on every node, as SIGTERM to each launcher would.
@@ -62,6 +75,11 @@ def stop(
     current iteration (at most launch.stop_grace_seconds) and exits 0. Run the training command again to
     resume. Works from any host that sees the experiment folder; a request older than a launch is ignored
     by it.
+
+    Examples:
+
+    
+      infir2 stop InfiR2_CPT_FP8_7B
     """
     from ..launch.locking import lock_status
     from ..layout import exp_root, write_stop_request
@@ -85,6 +103,11 @@ def sbatch(req: SbatchRequest) -> None:
     SIGUSR1 comes --signal-seconds before the time limit: every node saves a checkpoint and exits, the job
     requeues itself and resumes from that checkpoint (`scancel --batch --signal=USR1 JOBID` does the same
     by hand; plain `scancel` stops for good). The recipe is validated for nodes x GPUs first, exit 2 on problems.
+
+    Examples:
+
+    
+      infir2 sbatch --recipe 7b --nodes 4 --partition gpu --time 24:00:00 > job.sh
     """
     script = emit(req)
     for warning in script.warnings:
@@ -96,7 +119,13 @@ def sbatch(req: SbatchRequest) -> None:
 
 
 def list_recipes() -> None:
-    """List the shipped recipes with a one-line description each."""
+    """List the shipped recipes with a one-line description each.
+
+    Examples:
+
+    
+      infir2 recipes
+    """
     names = shipped_recipe_names()
     width = max(len(n) for n in names) if names else 0
     for name in names:
@@ -108,5 +137,11 @@ def list_recipes() -> None:
 
 
 def show(recipe: RecipeOpt, sets: SetOpt = None) -> None:
-    """Print the resolved recipe (extends merged, --set applied) as YAML."""
+    """Print the resolved recipe (extends merged, --set applied) as YAML.
+
+    Examples:
+
+    
+      infir2 show --recipe 1.5b --set parallel.tensor_parallel=1
+    """
     print(recipe_to_yaml(load_recipe(recipe, sets or []).recipe), end="")

@@ -57,7 +57,7 @@ class HfToMegatronRequest:
     hf: str = option("--hf", help="Hugging Face Qwen2 folder: config.json and *.safetensors.", show_default=False)
     out: str = option("--out", help="New (or empty) folder for the Megatron checkpoint.", show_default=False)
     recipe: str = option("--recipe", "-r", help="Recipe that will train from the checkpoint.", default="7b")
-    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
     tp: int | None = option(
         "--tp", help="Training TP to check the shapes against (default: the recipe's). The checkpoint is written "
         "unsharded; Megatron reshards it on load.", show_default=False, default=None)
@@ -73,7 +73,7 @@ class MegatronToHfRequest:
                        "folder).", show_default=False)
     out: str = option("--out", help="New (or empty) folder for the Hugging Face model.", show_default=False)
     recipe: str | None = option("--recipe", "-r", help=CONVERT_RECIPE_HELP, show_default=False, default=None)
-    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
     tokenizer: str | None = option(
         "--tokenizer", help="Copy the tokenizer files (and generation_config.json) of this folder.",
         show_default=False, default=None)
@@ -93,7 +93,7 @@ class CheckLogitsRequest:
     hf: str = option("--hf", help="Hugging Face Qwen2 folder (the reference).", show_default=False)
     ckpt: str = option("--ckpt", help="Megatron iter_NNNNNNN or release folder.", show_default=False)
     recipe: str | None = option("--recipe", "-r", help=CONVERT_RECIPE_HELP, show_default=False, default=None)
-    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
     dtype: str = option("--dtype", help="bf16 or fp32, for both models.", default="bf16")
     batch: int = option("--batch", help="Sequences of random tokens.", default=2)
     seq: int = option("--seq", help="Tokens per sequence.", default=256)

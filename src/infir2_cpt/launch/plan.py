@@ -37,23 +37,24 @@ from .preflight import check_cuda_graph_env, check_disk_space, check_files, chec
 class LaunchRequest:
     """Everything `infir2 train` and `infir2 decay` are asked on the command line."""
 
-    recipe: str = option("--recipe", "-r", help=RECIPE_HELP)
+    recipe: str = option("--recipe", "-r", help=RECIPE_HELP, metavar="NAME|FILE")
     decay_load: str | None = option(  # `infir2 decay` only
         "--load", help="Stable-phase checkpoint: iter_0035000 (in the stable run's checkpoints), or a path to an "
-        "iter_* folder.", default=None)
+        "iter_* folder.", default=None, metavar="ITER|PATH")
     stable_exp: str | None = option(  # `infir2 decay` only
         "--stable-exp", help="The stable run's experiment name, when it was trained with --exp (default: the "
-        "recipe's stable_name).", default=None)
-    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list)
-    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="EXTRA", show_default=False)
+        "recipe's stable_name).", default=None, metavar="NAME")
+    sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
+    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="-- MEGATRON_FLAGS", show_default=False)
     nnodes: int | None = option("--nnodes", help="Number of hosts (run the same command on each).", default=None)
     nproc_per_node: int | None = option("--nproc-per-node", "--nproc_per_node", help="GPUs per host.", default=None)
     rdzv_endpoint: str | None = option(
         "--rdzv-endpoint", "--rdzv_endpoint", help="HOST:PORT of the c10d rendezvous, the same on every host.",
-        default=None)
+        default=None, metavar="HOST:PORT")
     rdzv_id: str | None = option(
-        "--rdzv-id", "--rdzv_id", help="Rendezvous id (default: derived from the experiment name).", default=None)
-    exp: str | None = option("--exp", help=EXP_HELP, default=None)
+        "--rdzv-id", "--rdzv_id", help="Rendezvous id (default: derived from the experiment name).", default=None,
+        metavar="ID")
+    exp: str | None = option("--exp", help=EXP_HELP, default=None, metavar="NAME")
     dry_run: bool = option(
         "--dry-run", help="Print the environment and the full command, then exit; touches no GPU and nothing under "
         "exp/.", default=False)

@@ -62,7 +62,7 @@ _OPTION_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 class SbatchRequest:
     """What `infir2 sbatch` is asked for."""
 
-    recipe: str = requests.option("--recipe", "-r", help=RECIPE_HELP)
+    recipe: str = requests.option("--recipe", "-r", help=RECIPE_HELP, metavar="NAME|FILE")
     nodes: int = requests.option("--nodes", "-N", help="Nodes to allocate; `infir2 train` runs once on each.")
     partition: str | None = requests.option("--partition", "-p", help="Slurm partition.", default=None)
     time: str | None = requests.option("--time", "-t", help="Time limit, HH:MM:SS or D-HH:MM:SS (default: the partition's).",
@@ -70,8 +70,8 @@ class SbatchRequest:
     gpus_per_node: int | None = requests.option(
         "--gpus-per-node", help="GPUs (training processes) per node (default: the recipe's launch.nproc_per_node).",
         default=None)
-    sets: list[str] = requests.option("--set", "-s", help=SET_HELP, default_factory=list)
-    exp: str | None = requests.option("--exp", help=EXP_HELP, default=None)
+    sets: list[str] = requests.option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
+    exp: str | None = requests.option("--exp", help=EXP_HELP, default=None, metavar="NAME")
     port: int = requests.option("--port", help="Rendezvous port on the first node.", default=DEFAULT_PORT)
     signal_seconds: int = requests.option(
         "--signal-seconds", help="Seconds before the time limit at which the job saves a checkpoint and requeues "
@@ -85,7 +85,7 @@ class SbatchRequest:
     output: str | None = requests.option(
         "--output", "-o", metavar="FILE", help="Write the script to FILE (made executable) instead of stdout.",
         default=None)
-    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="EXTRA", show_default=False)
+    extra_args: list[str] = argument(EXTRA_HELP, default_factory=list, metavar="-- MEGATRON_FLAGS", show_default=False)
 
 
 @dataclass
