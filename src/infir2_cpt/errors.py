@@ -21,8 +21,17 @@ class Problem:
     value: Any = None
 
     def __str__(self) -> str:
-        shown = "" if self.value is None else f" (got {self.value!r})"
+        shown = "" if self.value is None else f" (got {_as_given(self.value)})"
         return f"{self.key}: {self.message}{shown}"
+
+
+def _as_given(value: Any) -> str:
+    """A value the way the user wrote it: a mapping or list in YAML's flow style, not as a Python repr."""
+    if isinstance(value, (dict, list)):
+        import yaml
+
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return repr(value)
 
 
 class Infir2Error(Exception):
@@ -48,9 +57,9 @@ class Infir2Error(Exception):
 class RecipeError(Infir2Error):
     """A recipe that cannot be found, read or typed (with every key that is wrong)."""
 
-    def __init__(self, problems: Sequence[Problem], source: str = "recipe") -> None:
-        super().__init__(problems, f"infir2: invalid recipe {source}")
-        self.source = source
+    def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
+        super().__init__(problems, "infir2: invalid recipe" + (f" {source}" if source else ""))
+        self.source = source or "recipe"
 
 
 class LaunchError(Infir2Error):

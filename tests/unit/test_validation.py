@@ -132,7 +132,30 @@ def test_blockwise_fp8_checks_hidden_size(exp_root):
 def test_blockwise_fp8_checks_per_rank_shards(exp_root):
     """1.5B at TP4: the FFN shard is 8960 / 4 = 2240 wide, not a multiple of 128."""
     problems = config_problems("1.5b", "parallel.tensor_parallel=4")
-    assert "model.ffn_hidden_size / tensor_parallel = 2240 is not a multiple of 128" in one(problems, "2240")
+    problem = one(problems, "2240")
+    assert "model.ffn_hidden_size / tensor_parallel = 8960 / 4 = 2240 is not a multiple of 128 (got 8960)" in problem
+
+
+def test_a_fractional_shard_is_shown_rounded_and_the_key_keeps_its_own_value(exp_root):
+    problem = one(config_problems("7b", "parallel.tensor_parallel=3"), "/ 3 =")
+    assert problem == ("model.ffn_hidden_size: blockwise FP8 quantizes in 128-wide blocks: model.ffn_hidden_size / "
+                       "tensor_parallel = 18944 / 3 = 6314.67 is not a multiple of 128 (got 18944)")
+
+
+def test_messages_show_values_as_written_and_lists_of_mappings_by_example(exp_root):
+    problem = one(config_problems("tiny", "data.blend={path: x}"), "data.blend")
+    assert problem == "data.blend: expected list of mapping, e.g. [{path: ..., weight: ...}] (got {path: x})"
+
+
+def test_an_unknown_recipe_is_an_invalid_recipe_said_once(cli):
+    result = cli("train", "--recipe", "7bb", "--dry-run")
+    assert result.exit_code == 2 and result.stderr.startswith("infir2: invalid recipe: 1 problem(s)")
+
+
+def test_too_little_free_space_is_said_once_in_a_dry_run(cli, exp_root):
+    result = cli("train", "--recipe", "7b", "--set", "model.num_layers=4000", "--dry-run")
+    assert result.exit_code == 0
+    assert result.output.count("GB free") == 1 and "warning: checkpoint: not enough free space" in result.stderr
 
 
 def test_bf16_has_no_block_constraint(exp_root):

@@ -168,11 +168,11 @@ def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | 
     except OSError as exc:
         out.add_machine("checkpoint", f"cannot measure the free space of {where}: {exc}")
         return out
-    if notes is not None:
-        notes.append(f"one checkpoint needs about {checkpoint_estimate_text(recipe)}; "
-                     f"{free / 1e9:.1f} GB free in {where}")
-    if free < need:
+    if free < need:  # said once, as the problem (a dry run prints it as a warning)
         out.add_machine("checkpoint", f"not enough free space for one checkpoint: it needs about "
                         f"{checkpoint_estimate_text(recipe)} but {where} has {free / 1e9:.1f} GB free; free "
                         f"space or point INFIR2_EXP_ROOT at a larger filesystem")
+    elif notes is not None:
+        notes.append(f"one checkpoint needs about {checkpoint_estimate_text(recipe)}; "
+                     f"{free / 1e9:.1f} GB free in {where}")
     return out

@@ -171,6 +171,14 @@ def _type_name(tp: Any) -> str:
 _INVALID = object()
 
 
+def _list_example(list_tp: Any) -> str:
+    """For a list of mappings, what one looks like: `, e.g. [{path: ..., weight: ...}]`."""
+    (item_tp,) = get_args(list_tp)
+    if not dataclasses.is_dataclass(item_tp):
+        return ""
+    return ", e.g. [{" + ", ".join(f"{f.name}: ..." for f in dataclasses.fields(item_tp)) + "}]"
+
+
 def _convert(value: Any, tp: Any, key: str, problems: list[Problem]) -> Any:
     """Check/convert one value against its declared type; on mismatch append a Problem and return _INVALID
     (the key then keeps its default, so the remaining checks can still run and report too)."""
@@ -193,7 +201,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[Problem]) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            problems.append(Problem(key, f"expected {_type_name(inner)}", value))
+            problems.append(Problem(key, f"expected {_type_name(inner)}{_list_example(inner)}", value))
             return _INVALID
         (item_tp,) = get_args(inner)
         if item_tp is str:

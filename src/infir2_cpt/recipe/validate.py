@@ -181,19 +181,18 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
                 "parallel.distributed_optimizer", p.adam_moments)
     if p.fp8 == "blockwise":
         kv = m.hidden_size // max(m.num_attention_heads, 1)
-        shapes = {
-            "model.hidden_size": m.hidden_size,
-            "model.ffn_hidden_size": m.ffn_hidden_size,
-            "model.ffn_hidden_size / tensor_parallel": m.ffn_hidden_size / tp,
-            "QKV width / tensor_parallel": (m.num_attention_heads + 2 * m.num_query_groups) * kv / tp,
-        }
-        if tp == 1:  # the per-rank FFN shard is the whole FFN: report it once
-            del shapes["model.ffn_hidden_size / tensor_parallel"]
-        for key, size in shapes.items():
+        qkv = (m.num_attention_heads + 2 * m.num_query_groups) * kv
+        # (key reported, its value, what must be a multiple of 128 and how it is computed)
+        shapes = [("model.hidden_size", m.hidden_size, m.hidden_size, "model.hidden_size"),
+                  ("model.ffn_hidden_size", m.ffn_hidden_size, m.ffn_hidden_size, "model.ffn_hidden_size")]
+        if tp > 1:  # per-rank shards (at TP 1 they are the whole widths, checked above)
+            shapes += [("model.ffn_hidden_size", m.ffn_hidden_size, m.ffn_hidden_size / tp,
+                        f"model.ffn_hidden_size / tensor_parallel = {m.ffn_hidden_size} / {tp}"),
+                       ("precision.fp8", p.fp8, qkv / tp, f"QKV width / tensor_parallel = {qkv} / {tp}")]
+        for key, value, size, how in shapes:
             if size != int(size) or int(size) % FP8_BLOCK:
-                out.add(key.split(" ")[0] if key.startswith("model.") else "precision.fp8",
-                        f"blockwise FP8 quantizes in 128-wide blocks: {key} = {size:g} is not a multiple of 128",
-                        int(size) if size == int(size) else size)
+                out.add(key, f"blockwise FP8 quantizes in 128-wide blocks: {how} = {size:.6g} is not a multiple "
+                        "of 128", value)
 
 
 def check_schedule(recipe: Recipe, out: Findings) -> None:
