@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import Infir2Error
-from . import bench, convert, data, reports, train
+from . import bench, convert, data, evaluate, reports, train
 from .options import from_request
 
 
@@ -44,6 +44,8 @@ app.command("sbatch")(from_request(train.sbatch))
 # reading a run back
 app.command("checkpoints")(reports.checkpoints)
 app.command("schedule")(reports.schedule)
+# evaluating
+app.command("eval")(from_request(evaluate.eval_checkpoints))
 # data
 app.command("prepare-data")(data.prepare_data)
 app.command("inspect-data")(data.inspect_data)
