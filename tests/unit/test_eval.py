@@ -186,6 +186,7 @@ def test_evaluation_arguments_pass_megatrons_parser(recipe: str, world: int, exp
     assert args.skip_train and args.no_load_optim and args.no_load_rng and args.exit_on_missing_checkpoint
     assert args.ckpt_step == 1000 and args.load == str(exp_root / "run" / "checkpoints") and args.save is None
     assert args.valid_data_path == ["/data/heldout_text_document"] and args.split is None
+    assert args.fp8_recipe == "blockwise" and not args.fp8_param_gather  # FP8 GEMMs, BF16 weights as saved
     from megatron.training.utils import get_blend_and_blend_per_split
 
     blend, per_split = get_blend_and_blend_per_split(args)
