@@ -177,8 +177,9 @@ def _model_matches(recipe: Recipe, paths: ExperimentPaths, out: Findings) -> Non
     other = resolved.recipe.model
     differ = [f.name for f in dataclasses.fields(other) if getattr(other, f.name) != getattr(recipe.model, f.name)]
     if differ:
-        out.add("model", f"experiment {paths.name} was trained with another model ({', '.join(f'model.{k}' for k in differ)} "
-                f"differ from the recipe evaluated with); evaluate it on its own")
+        keys = ", ".join(f"model.{k}" for k in differ)
+        out.add("model", f"experiment {paths.name} was trained with another model ({keys} differ from the recipe "
+                "evaluated with); evaluate it on its own")
 
 
 def _eval_data(req: EvalRequest, recipe: Recipe) -> tuple[list[BlendEntry] | None, str, Any]:

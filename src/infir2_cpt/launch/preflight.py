@@ -1,6 +1,7 @@
 """Preflight: what is checked on the launch host before anything is launched or written, beyond the recipe's
 own rules (recipe/validate.py): the files the recipe names, the GPUs, the free space for a checkpoint and for the
-whole run under the retention policy (retention.py), and the environment the workers will see against the Megatron arguments.
+whole run under the retention policy (retention.py), and the environment the workers will see against the
+Megatron arguments.
 
 These are machine problems (a file, tokenizer or GPU missing *here*): fatal for a launch, warnings in --dry-run,
 since a dry run is often made on a login node that lacks them. Every check runs; nothing stops at the first.

@@ -246,9 +246,9 @@ def check_retention(recipe: Recipe, out: Findings) -> None:
         out.add("checkpoint.keep_every", "has no effect without checkpoint.keep_last (null keeps every "
                 "checkpoint): set keep_last, or clear keep_every", c.keep_every)
     elif c.save_interval >= 1 and c.keep_every % c.save_interval:
+        nearest = c.save_interval * max(1, c.keep_every // c.save_interval)
         out.add("checkpoint.keep_every", f"must be a multiple of checkpoint.save_interval={c.save_interval}, or "
-                f"no checkpoint is ever saved at one (e.g. {c.save_interval * max(1, c.keep_every // c.save_interval)})",
-                c.keep_every)
+                f"no checkpoint is ever saved at one (e.g. {nearest})", c.keep_every)
 
 
 def check_data_and_tokenizer(recipe: Recipe, out: Findings) -> None:
