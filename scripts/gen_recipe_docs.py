@@ -36,7 +36,6 @@ def _cell(text: str) -> str:
 
 def generate() -> str:
     rows = field_docs()
-    blend_rows = field_docs(BlendEntry, "data.blend[].")
     lines: list[str] = []
     section = None
     for key, type_name, help_text, default in rows:
@@ -46,8 +45,8 @@ def generate() -> str:
             lines += ["", f"#### `{section}`" if section != "(top level)" else "#### top level", "",
                       "| key | type | default | meaning |", "|---|---|---|---|"]
         lines.append(f"| `{key}` | {_cell(type_name)} | {_cell(_default(default))} | {_cell(help_text)} |")
-        if key == "data.blend":
-            for bkey, btype, bhelp, bdefault in blend_rows:
+        if key in ("data.blend", "data.valid_blend"):
+            for bkey, btype, bhelp, bdefault in field_docs(BlendEntry, f"{key}[]."):
                 lines.append(f"| `{bkey}` | {_cell(btype)} | {_cell(_default(bdefault))} | {_cell(bhelp)} |")
     return "\n".join([BEGIN, *lines, "", END])
 

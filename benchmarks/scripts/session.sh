@@ -30,6 +30,10 @@ BASE_SCHEDULE=(--set schedule.train_iters=1200 --set schedule.warmup_iters=100 -
 CPT_SCHEDULE=(--set schedule.train_iters=500 --set schedule.warmup_iters=50 --set schedule.decay_iters=100
               --set schedule.lr=5e-4 --set schedule.min_lr=5e-5 --set checkpoint.save_interval=100)
 PRETRAINED=(--set "checkpoint.pretrained=$INFIR2_EXP_ROOT/base/checkpoints")
+# The base run's retention (the last 2 and every 400th: 200 and 600 go, 400/800/1000/1200 stay) and held-out set
+KEEP=(--set checkpoint.keep_last=2 --set checkpoint.keep_every=400)
+HELDOUT=(--set "data.valid_blend=[{path: $DATA/heldout_text_document, weight: 1.0}]")
+BASE=(--set precision.fp8=null "${TEXT[@]}" "${BASE_SCHEDULE[@]}" "${HELDOUT[@]}")
 
 step_prep() {
   log "prep: megatron-core and infir2 (no TE yet), text, prepare-data"
@@ -84,7 +88,33 @@ train() {  # NAME ARGS...: infir2 train, console to $RES/console/NAME.txt
   log "train $name: exit $?"
 }
 step_Bbase() {  # the base model worth continuing: BF16 on the text, with the retention policy and the held-out set
-  train base --set precision.fp8=null "${TEXT[@]}" "${BASE_SCHEDULE[@]}" --rdzv-endpoint localhost:29511
+  train base "${BASE[@]}" "${KEEP[@]}" --rdzv-endpoint localhost:29511
+}
+decay_of_base() {  # NAME ITERATION PORT: a decay of base from that stable checkpoint, saving every 50 iterations
+  local name=$1 it=$2 port=$3
+  log "decay $name from $it"
+  infir2 decay --recipe tiny --exp "$name" --stable-exp base --load "$it" "${DRYF[@]}" "${BASE[@]}" \
+    --set checkpoint.save_interval=50 --set checkpoint.keep_last=4 --rdzv-endpoint "localhost:$port" \
+    >"$RES/console/$name.txt" 2>&1
+  log "decay $name: exit $?"
+}
+step_Bretain() {  # two decays from different stable iterations, `infir2 eval` over base and both, table and plot
+  local p=() r=$RES/retention
+  mkdir -p "$r"
+  decay_of_base base-d400 400 29512 & p+=($!)
+  decay_of_base base-d800 800 29513 & p+=($!)
+  wait "${p[@]}"
+  log "eval base and its decays"
+  # --recipe and the sets are what base/recipe.yaml records; stated so that the dry run can check the command
+  infir2 eval base --recipe tiny "${BASE[@]}" --eval-iters 32 --png "$r/heldout-loss.png" "${DRYF[@]}" \
+    >"$RES/console/eval.txt" 2>&1
+  log "eval: exit $?"
+  [ -n "${DRY:-}" ] && return
+  for e in base base-d400 base-d800; do infir2 checkpoints "$e" >"$r/checkpoints-$e.txt" 2>&1; done
+  infir2 checkpoints base --prune --dry-run >"$r/prune-dry-run-base.txt" 2>&1
+  cp "$INFIR2_EXP_ROOT/base/logs/retention.log" "$r/" 2>/dev/null
+  grep -h "disk forecast\|infir2.retention" "$RES/console/base.txt" >"$r/base-forecast-and-pruning.txt" 2>/dev/null
+  log "retention/eval: $(ls "$INFIR2_EXP_ROOT/base/checkpoints" | tr '\n' ' ')"
 }
 masters_probe() {  # NAME ARGS...: a first launch from the base model that reports and dumps its masters, then exits
   local name=$1; shift
@@ -148,6 +178,7 @@ lane_B() {
   export CUDA_VISIBLE_DEVICES=1
   step_Bstop & local stop=$!
   step_Bbase
+  step_Bretain
   step_Bmasters
   step_Bcpt
   step_Bdump

@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import Infir2Error
-from . import bench, convert, data, reports, train
+from . import bench, convert, data, evaluate, reports, train
 from .options import Command, PassThroughCommand, from_request
 
 
@@ -46,6 +46,9 @@ app.command("sbatch", cls=PassThroughCommand, short_help="Write a Slurm batch sc
 # reading a run back
 app.command("checkpoints", cls=Command, short_help="An experiment's checkpoints: phase, LR, tokens.")(reports.checkpoints)
 app.command("schedule", cls=Command, short_help="The learning-rate curve of a recipe.")(reports.schedule)
+# evaluating
+app.command("eval", cls=Command, short_help="Held-out loss of an experiment's checkpoints.")(
+    from_request(evaluate.eval_checkpoints))
 # data
 app.command("prepare-data", cls=Command, short_help="Tokenize a corpus into an indexed dataset.")(data.prepare_data)
 app.command("inspect-data", cls=Command, short_help="Show what an indexed dataset holds.")(data.inspect_data)

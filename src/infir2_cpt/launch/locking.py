@@ -432,6 +432,19 @@ def release(paths: ExperimentPaths, info: LockInfo) -> bool:
     return True
 
 
+def held_by_this_process(paths: ExperimentPaths) -> LockInfo | None:
+    """The experiment's lock when this very process holds it (the launcher after its exec), else None."""
+    try:
+        holder = read_lock(paths.lock_file, wait_s=0)
+    except _Unreadable:
+        return None
+    stat = _proc_stat(os.getpid())
+    if (holder is None or holder.host != this_host() or holder.pid != os.getpid()
+            or (stat is not None and holder.proc_start is not None and holder.proc_start != stat[1])):
+        return None
+    return holder
+
+
 def release_at_exit(environ: dict[str, str] | None = None) -> bool:
     """Called by the lock's holder (torchrun, after the exec) when it exits: remove the lock of
     $INFIR2_EXP_DIR if this very process holds it. True when removed."""
@@ -439,15 +452,8 @@ def release_at_exit(environ: dict[str, str] | None = None) -> bool:
     if not exp_dir:
         return False
     paths = ExperimentPaths(name=Path(exp_dir).name, root=Path(exp_dir))
-    try:
-        holder = read_lock(paths.lock_file, wait_s=0)
-    except _Unreadable:
-        return False
-    stat = _proc_stat(os.getpid())
-    if (holder is None or holder.host != this_host() or holder.pid != os.getpid()
-            or (stat is not None and holder.proc_start is not None and holder.proc_start != stat[1])):
-        return False
-    return release(paths, holder)
+    holder = held_by_this_process(paths)
+    return holder is not None and release(paths, holder)
 
 
 def lock_status(paths: ExperimentPaths) -> str | None:

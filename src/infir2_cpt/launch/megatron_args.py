@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layout import ExperimentPaths
+from ..retention import RETENTION_ENV, RetentionPolicy
 from ..recipe.schedule import WSDSchedule
 from ..runtime.fp8_options import OPTIONS_ENV, RuntimeOptions
-from ..recipe.schema import Recipe
+from ..recipe.schema import BlendEntry, Recipe
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,35 @@ def _num(value: float) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
 
 
-def data_args(recipe: Recipe, paths: ExperimentPaths) -> list[str]:
+def blend_values(entries: list[BlendEntry]) -> list[str]:
+    """A blend as Megatron's data-path options take it: the prefix alone, or weight prefix pairs."""
+    if len(entries) == 1:
+        return [entries[0].path]
+    return [item for e in entries for item in (_num(e.weight), e.path)]
+
+
+def data_args(recipe: Recipe, paths: ExperimentPaths, valid_only: list[BlendEntry] | None = None) -> list[str]:
+    """The data group. With data.valid_blend Megatron gets per-split blends (all of `blend` trains, `valid_blend`
+    validates) instead of --data-path and --split. valid_only: only these validate, nothing trains
+    (`infir2 eval`)."""
     data, tok = recipe.data, recipe.tokenizer
     args: list[str] = []
-    if data.mock:
+    per_split = valid_only is not None or bool(data.valid_blend)
+    if valid_only is not None:
+        args += ["--valid-data-path", *blend_values(valid_only)]
+    elif data.mock:
         args += ["--mock-data"]
-    elif len(data.blend) == 1:
-        args += ["--data-path", data.blend[0].path]
+    elif data.valid_blend:
+        args += ["--train-data-path", *blend_values(data.blend), "--valid-data-path", *blend_values(data.valid_blend)]
     elif data.blend:
-        args += ["--data-path"] + [item for e in data.blend for item in (_num(e.weight), e.path)]
+        args += ["--data-path", *blend_values(data.blend)]
     args += ["--data-cache-path", str(Path(data.cache_dir) if data.cache_dir else paths.data_cache)]
     args += ["--tokenizer-type", tok.type]
     if tok.model:
         args += ["--tokenizer-model", tok.model]
-    args += ["--split", data.split, "--num-workers", str(data.num_workers),
-             "--no-create-attention-mask-in-dataloader"]
+    if not per_split:  # Megatron refuses a split beside per-split blends
+        args += ["--split", data.split]
+    args += ["--num-workers", str(data.num_workers), "--no-create-attention-mask-in-dataloader"]
     return args
 
 
@@ -224,6 +239,9 @@ def runtime_env(recipe: Recipe) -> dict[str, str]:
     options = runtime_options(recipe).env_value()
     if options:
         env[OPTIONS_ENV] = options
+    policy = RetentionPolicy.of(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)
+    if recipe.checkpoint.save and policy.active:  # the launcher prunes as checkpoints complete
+        env[RETENTION_ENV] = policy.env_value()
     if recipe.parallel.cuda_graph == "transformer_engine":
         # Megatron asserts it beside expandable segments (the recipes' allocator): NCCL must not register
         # graph-captured buffers that the allocator may remap

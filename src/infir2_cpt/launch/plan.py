@@ -27,6 +27,7 @@ from ..recipe.schedule import WSDSchedule
 from ..recipe.schema import Recipe
 from ..recipe.validate import Findings, check_config, drop_consequences
 from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, option
+from ..retention import RETENTION_ENV
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
@@ -100,6 +101,7 @@ class StartPlan:
     schedule: WSDSchedule
     repair: TrackerRepair | None = None
     decay_source: DecaySource | None = None
+    start_iteration: int = 0  # the iteration training continues from (the disk forecast counts the saves after it)
 
 
 @dataclass
@@ -182,7 +184,7 @@ def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: 
                          "already complete; Megatron will exit after loading")
         _check_schedule_unchanged(paths, schedule, out)
         load = LoadPlan(load_dir=paths.checkpoints, ckpt_step=point.ckpt_step, expect_checkpoint=True)
-        return StartPlan(load, schedule, repair)
+        return StartPlan(load, schedule, repair, start_iteration=point.iteration or 0)
     repair = None
     if point.repair_tracker:  # a tracker naming nothing loadable: Megatron would load it (or exit) instead
         repair = TrackerRepair(paths.checkpoints, None)
@@ -244,7 +246,7 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, stable: ExperimentPat
                   else None)
         load = LoadPlan(load_dir=paths.checkpoints, ckpt_step=own.ckpt_step, expect_checkpoint=True,
                         override_scheduler=True)
-        return StartPlan(load, schedule, repair, source)
+        return StartPlan(load, schedule, repair, source, start_iteration=own.iteration or target.iteration)
     stable_tracker = ck.read_tracker(target.ckpt_dir)
     if stable_tracker.derails_megatron:
         out.add_machine("--load", f"{target.ckpt_dir / ck.TRACKER} is "
@@ -257,7 +259,7 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, stable: ExperimentPat
                  f"{paths.checkpoints}")
     load = LoadPlan(load_dir=target.ckpt_dir, ckpt_step=target.iteration, expect_checkpoint=True,
                     override_scheduler=True)
-    return StartPlan(load, schedule, None, source)
+    return StartPlan(load, schedule, None, source, start_iteration=target.iteration)
 
 
 # --------------------------------------------------------------------------- environment and torchrun
@@ -269,6 +271,11 @@ def rendezvous_id(recipe: Recipe) -> str:
         return recipe.launch.rdzv_id
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", recipe.name)[:40]
     return f"infir2-{slug}-{hashlib.sha1(recipe.name.encode()).hexdigest()[:8]}"
+
+
+# Where each variable of runtime_env comes from, for --dry-run's environment listing.
+RUNTIME_ENV_SOURCES = {OPTIONS_ENV: "precision/model/parallel/logging keys",
+                       RETENTION_ENV: "checkpoint.keep_last/keep_every"}
 
 
 def resolve_env(recipe: Recipe, base: Mapping[str, str]) -> tuple[dict[str, str], list[EnvSetting]]:
@@ -288,8 +295,7 @@ def resolve_env(recipe: Recipe, base: Mapping[str, str]) -> tuple[dict[str, str]
             report.append(EnvSetting(name, base[name], f"user (recipe: {value})"))
         else:
             env[name] = value
-            report.append(EnvSetting(name, value, "precision/model/parallel/logging keys" if name == OPTIONS_ENV
-                                     else "parallel.cuda_graph"))
+            report.append(EnvSetting(name, value, RUNTIME_ENV_SOURCES.get(name, "parallel.cuda_graph")))
     if recipe.megatron.code_dir:
         pythonpath = os.pathsep.join(p for p in (base.get("PYTHONPATH", ""), recipe.megatron.code_dir) if p)
         env["PYTHONPATH"] = pythonpath
@@ -343,7 +349,7 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
         stable = ExperimentPaths.for_name(recipe.stable_name or recipe.name, env.exp_root)
         start = plan_decay_run(recipe, paths, stable, req.decay_load, findings, notes)
     findings.extend(check_files(recipe, paths))
-    findings.extend(check_disk_space(recipe, paths, notes))
+    findings.extend(check_disk_space(recipe, paths, notes, start.start_iteration, start.schedule.train_iters))
     check_megatron_flags([*recipe.megatron_extra_args, *req.extra_args], findings, notes)
     if req.check_gpu and env.gpu_check:
         findings.extend(check_gpu(recipe))

@@ -1,6 +1,7 @@
 """Preflight: what is checked on the launch host before anything is launched or written, beyond the recipe's
-own rules (recipe/validate.py): the files the recipe names, the GPUs, the free space for a checkpoint, and the
-environment the workers will see against the Megatron arguments.
+own rules (recipe/validate.py): the files the recipe names, the GPUs, the free space for a checkpoint and for the
+whole run under the retention policy (retention.py), and the environment the workers will see against the
+Megatron arguments.
 
 These are machine problems (a file, tokenizer or GPU missing *here*): fatal for a launch, warnings in --dry-run,
 since a dry run is often made on a login node that lacks them. Every check runs; nothing stops at the first.
@@ -16,11 +17,13 @@ import shutil
 import warnings
 from pathlib import Path
 
+from .. import checkpoints as ck
 from ..argv import last_value
 from ..layout import ExperimentPaths
-from ..recipe.schema import Recipe
+from ..recipe.schema import BlendEntry, Recipe
 from ..recipe.shape import ModelShape
 from ..recipe.validate import Findings
+from ..retention import Forecast, RetentionPolicy, forecast, protection_of, save_iterations
 
 
 def check_cuda_graph_env(megatron_args: list[str], env: dict[str, str], out: Findings) -> None:
@@ -70,15 +73,9 @@ def check_megatron_flags(flags: list[str], out: Findings, notes: list[str]) -> N
 
 def check_files(recipe: Recipe, paths: ExperimentPaths) -> Findings:
     out = Findings()
-    for i, entry in enumerate(recipe.data.blend):
-        missing = [s for s in (".bin", ".idx") if not Path(entry.path + s).is_file()]
-        if missing and not recipe.data.mock:
-            # the two usual slips: the .bin/.idx file itself, or the PREFIX that was given to prepare-data
-            stem = entry.path.removesuffix(".bin").removesuffix(".idx")
-            hint = next((f"; did you mean {c}?" for c in (stem, entry.path + "_text_document")
-                         if c != entry.path and Path(c + ".bin").is_file() and Path(c + ".idx").is_file()), "")
-            out.add_machine(f"data.blend[{i}].path",
-                            f"missing {' and '.join(entry.path + s for s in missing)}{hint}", entry.path)
+    if not recipe.data.mock:
+        check_blend_files(recipe.data.blend, "data.blend", out)
+        check_blend_files(recipe.data.valid_blend, "data.valid_blend", out)
     tok = recipe.tokenizer
     if tok.type == "HuggingFaceTokenizer" and tok.model and not Path(tok.model).is_dir():
         out.add_machine("tokenizer.model", "tokenizer directory not found", tok.model)
@@ -93,6 +90,18 @@ def check_files(recipe: Recipe, paths: ExperimentPaths) -> Findings:
     if not os.access(existing, os.W_OK):
         out.add_machine("exp", f"{existing} is not writable", str(paths.root))
     return out
+
+
+def check_blend_files(entries: list[BlendEntry], key: str, out: Findings) -> None:
+    for i, entry in enumerate(entries):
+        missing = [s for s in (".bin", ".idx") if not Path(entry.path + s).is_file()]
+        if missing:
+            # the two usual slips: the .bin/.idx file itself, or the PREFIX that was given to prepare-data
+            stem = entry.path.removesuffix(".bin").removesuffix(".idx")
+            hint = next((f"; did you mean {c}?" for c in (stem, entry.path + "_text_document")
+                         if c != entry.path and Path(c + ".bin").is_file() and Path(c + ".idx").is_file()), "")
+            out.add_machine(f"{key}[{i}].path", f"missing {' and '.join(entry.path + s for s in missing)}{hint}",
+                            entry.path)
 
 
 def nearest_existing(path: Path) -> Path:
@@ -133,7 +142,7 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(nearest_existing(path)).free
 
 
-# --------------------------------------------------------------------------- free space for a checkpoint
+# --------------------------------------------------------------------------- free space: one checkpoint, the whole run
 
 # Distributed Adam keeps, per parameter, an fp32 main copy + exp_avg + exp_avg_sq: 12 bytes, all saved.
 OPTIMIZER_BYTES_PER_PARAM = 12
@@ -155,9 +164,11 @@ def checkpoint_estimate_text(recipe: Recipe) -> str:
             f"fp32 Adam main params, exp_avg, exp_avg_sq {OPTIMIZER_BYTES_PER_PARAM})")
 
 
-def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | None = None) -> Findings:
-    """A machine problem when the checkpoint filesystem cannot hold one more checkpoint. Appends the estimate
-    to `notes` (shown by --dry-run)."""
+def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | None = None, start: int = 0,
+                     end: int | None = None) -> Findings:
+    """A machine problem when the checkpoint filesystem cannot hold one more checkpoint, or cannot hold what the
+    whole run keeps on disk at its peak under the retention policy (training from `start` to `end`, default the
+    recipe's train_iters). Appends the estimates to `notes` (shown by --dry-run)."""
     out = Findings()
     if not recipe.checkpoint.save:
         return out
@@ -168,11 +179,59 @@ def check_disk_space(recipe: Recipe, paths: ExperimentPaths, notes: list[str] | 
     except OSError as exc:
         out.add_machine("checkpoint", f"cannot measure the free space of {where}: {exc}")
         return out
+    end = recipe.schedule.train_iters if end is None else end
+    policy = RetentionPolicy.of(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)
+    run = run_forecast(recipe, paths, policy, start, end)
+    more = run.extra_at_peak * need
     if free < need:  # said once, as the problem (a dry run prints it as a warning)
         out.add_machine("checkpoint", f"not enough free space for one checkpoint: it needs about "
                         f"{checkpoint_estimate_text(recipe)} but {where} has {free / 1e9:.1f} GB free; free "
                         f"space or point INFIR2_EXP_ROOT at a larger filesystem")
+    elif free < more:
+        out.add_machine("checkpoint", f"the run cannot finish: {forecast_text(recipe, policy, run, start, end)}, "
+                        f"but {where} has {free / 1e9:.1f} GB free; "
+                        f"{_what_would_fit(recipe, paths, policy, start, end, free, need)}")
     elif notes is not None:
         notes.append(f"one checkpoint needs about {checkpoint_estimate_text(recipe)}; "
                      f"{free / 1e9:.1f} GB free in {where}")
+        if run.saves:
+            notes.append(f"disk forecast: {forecast_text(recipe, policy, run, start, end)}; "
+                         f"{free / 1e9:.1f} GB free")
     return out
+
+
+def run_forecast(recipe: Recipe, paths: ExperimentPaths, policy: RetentionPolicy, start: int,
+                 end: int) -> Forecast:
+    """The retention forecast for a run of `recipe` from `start` to `end` into paths.checkpoints, from what is
+    on disk there now."""
+    folders = ck.list_checkpoints(paths.checkpoints)
+    existing = [f.iteration for f in folders if f.complete and f.iteration is not None]
+    partial = sum(1 for f in folders if not f.complete or f.release)
+    protected = set(protection_of(paths).reasons) if folders else set()
+    saves = save_iterations(start, end, recipe.checkpoint.save_interval)
+    return forecast(policy, existing, partial, saves, protected)
+
+
+def forecast_text(recipe: Recipe, policy: RetentionPolicy, run: Forecast, start: int, end: int) -> str:
+    size = checkpoint_bytes(recipe)
+    saves = run.saves
+    span = (f"iterations {saves[0]}..{saves[-1]} every {recipe.checkpoint.save_interval}" if len(saves) > 1
+            else f"iteration {saves[0]}")
+    return (f"training {start} -> {end} saves {len(saves)} checkpoint(s) ({span}); {policy.describe()}: at most "
+            f"{run.peak} on disk at once ({run.now} now), about {run.extra_at_peak * size / 1e9:.1f} GB more than "
+            f"now at the peak ({run.extra_at_peak} x {size / 1e9:.1f} GB)")
+
+
+def _what_would_fit(recipe: Recipe, paths: ExperimentPaths, policy: RetentionPolicy, start: int, end: int,
+                    free: int, need: int) -> str:
+    """The advice: the largest checkpoint.keep_last (with the same keep_every) that fits, if any."""
+    fits = [k for k in range(1, 101)
+            if run_forecast(recipe, paths, RetentionPolicy(k, policy.keep_every), start,
+                            end).extra_at_peak * need <= free]
+    where = "free space, or point INFIR2_EXP_ROOT at a larger filesystem"
+    if fits and (policy.keep_last is None or max(fits) < policy.keep_last):
+        every = f" (with keep_every {policy.keep_every})" if policy.keep_every else ""
+        return f"--set checkpoint.keep_last={max(fits)}{every} would fit; or {where}"
+    if policy.keep_every:
+        return f"keep fewer branch points (a larger checkpoint.keep_every), {where}"
+    return where

@@ -77,7 +77,11 @@ class DataConfig:
     blend: list[BlendEntry] = doc("Indexed datasets (prefix of .bin/.idx) with weights.", default_factory=list)
     cache_dir: Optional[str] = doc(
         "Dataset index cache, shared by all ranks (default: exp/<name>/data_cache).", default=None)
-    split: str = doc("train,valid,test split weights.", default="90,5,5")
+    split: str = doc("train,valid,test split weights (unused with valid_blend).", default="90,5,5")
+    valid_blend: list[BlendEntry] = doc(
+        "Held-out indexed datasets for validation (and the default of `infir2 eval`). When set, Megatron trains "
+        "on all of `blend` and validates on these (--train-data-path / --valid-data-path); `split` is not used "
+        "and there is no test set. Empty: validation uses the `split` share of `blend`.", default_factory=list)
     num_workers: int = doc("DataLoader workers per rank.", default=6)
 
 
@@ -132,6 +136,14 @@ class CheckpointConfig:
     save: bool = doc("Write checkpoints at all (false for throughput benchmarks: then not even Megatron's "
                      "final checkpoint is written).", default=True)
     save_interval: int = doc("Save a checkpoint every N iterations.", default=1000)
+    keep_last: Optional[int] = doc(
+        "Retention: keep the newest N complete checkpoints and remove older ones (after each new checkpoint, "
+        "by the launcher; offline with `infir2 checkpoints EXP --prune`). null keeps every checkpoint. Never "
+        "removed: partial ones, the newest complete one, the one the tracker names, decay sources and "
+        "checkpoints being evaluated.", default=None)
+    keep_every: Optional[int] = doc(
+        "Retention: also keep every checkpoint whose iteration is a multiple of N (the branch points for "
+        "`infir2 decay`); a multiple of save_interval. Needs keep_last.", default=None)
     format: str = doc("Megatron checkpoint format (torch_dist).", default="torch_dist")
     pretrained: Optional[str] = doc(
         "Base-model Megatron checkpoint directory (for example a converted Qwen2.5). Used only while the "

@@ -222,6 +222,7 @@ def check_logging_and_checkpoint(recipe: Recipe, out: Findings) -> None:
             out.add(key, "must be >= 1", value)
     if lg.eval_iters < 0:
         out.add("logging.eval_iters", "must be >= 0", lg.eval_iters)
+    check_retention(recipe, out)
     if c.format != "torch_dist":
         out.add("checkpoint.format", "must be torch_dist (resume detection checks torch_dist completeness)",
                 c.format)
@@ -230,6 +231,23 @@ def check_logging_and_checkpoint(recipe: Recipe, out: Findings) -> None:
     if lg.profile and lg.profile_step_end <= lg.profile_step_start:
         out.add("logging.profile_step_end", f"must be > profile_step_start={lg.profile_step_start}",
                 lg.profile_step_end)
+
+
+def check_retention(recipe: Recipe, out: Findings) -> None:
+    c = recipe.checkpoint
+    if c.keep_last is not None and c.keep_last < 1:
+        out.add("checkpoint.keep_last", "must be >= 1 (null keeps every checkpoint)", c.keep_last)
+    if c.keep_every is None:
+        return
+    if c.keep_every < 1:
+        out.add("checkpoint.keep_every", "must be >= 1, or null", c.keep_every)
+    elif c.keep_last is None:
+        out.add("checkpoint.keep_every", "has no effect without checkpoint.keep_last (null keeps every "
+                "checkpoint): set keep_last, or clear keep_every", c.keep_every)
+    elif c.save_interval >= 1 and c.keep_every % c.save_interval:
+        nearest = c.save_interval * max(1, c.keep_every // c.save_interval)
+        out.add("checkpoint.keep_every", f"must be a multiple of checkpoint.save_interval={c.save_interval}, or "
+                f"no checkpoint is ever saved at one (e.g. {nearest})", c.keep_every)
 
 
 def check_data_and_tokenizer(recipe: Recipe, out: Findings) -> None:
@@ -243,6 +261,14 @@ def check_data_and_tokenizer(recipe: Recipe, out: Findings) -> None:
             out.add(f"data.blend[{i}].weight", "must be > 0", entry.weight)
         if not entry.path:
             out.add(f"data.blend[{i}].path", "must not be empty")
+    for i, entry in enumerate(d.valid_blend):
+        if entry.weight <= 0:
+            out.add(f"data.valid_blend[{i}].weight", "must be > 0", entry.weight)
+        if not entry.path:
+            out.add(f"data.valid_blend[{i}].path", "must not be empty")
+    if d.mock and d.valid_blend:
+        out.add("data.valid_blend", "needs data.blend (mock data has no held-out set): clear it or set "
+                "data.mock: false", [e.path for e in d.valid_blend])
     parts = d.split.split(",")
     if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
         out.add("data.split", "must be three comma-separated weights, like 90,5,5", d.split)

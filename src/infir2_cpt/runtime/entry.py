@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import fp8_options, masters, wgrad_fusion
 from .fp8_options import RuntimeOptions
@@ -220,7 +220,9 @@ def _install_after_setup(options: RuntimeOptions) -> None:
     training.setup_model_and_optimizer = setup_model_and_optimizer
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | None = None) -> None:
+    """before_pretrain: called last before Megatron's pretrain() (the evaluation entry installs its loop there,
+    after the workarounds above that must precede Megatron's imports)."""
     global _OPTIONS
     die_with_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         _say("NaN/Inf: checked once per step on the gradients, not per micro-batch on the loss")
     _install_after_setup(options)
     config = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    if before_pretrain is not None:
+        before_pretrain()
     pretrain(config, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 
 

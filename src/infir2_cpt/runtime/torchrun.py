@@ -20,7 +20,8 @@ KeyboardInterrupt instead of saving; and a scheduler reads the non-zero exit as 
 Two more things happen around torch.distributed.run itself: on several nodes, a node that does not host the
 rendezvous first waits (at most launch.join_timeout) for the first node (rendezvous.py), and a failed
 rendezvous is reported in one line; when torchrun ends, the experiment lock the launcher took is released
-(locking.py).
+(locking.py). On the host that holds the lock, a thread applies the checkpoint retention policy after each newly
+completed checkpoint, and once more when training has ended (retention.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..layout import EXP_DIR_ENV, read_stop_request, stop_request_path
 
@@ -156,6 +157,35 @@ def start_stop_request_watcher() -> None:
                          name="infir2-stop-request", daemon=True).start()
 
 
+def start_retention_watcher() -> Callable[[], None]:
+    """With a retention policy (INFIR2_RETENTION) and the experiment lock held by this process (one host of a
+    multi-node run), prune after each newly completed checkpoint. Returns what to call when training has ended:
+    it stops the watcher and prunes once more (the final checkpoint)."""
+    from ..launch.locking import held_by_this_process
+    from ..layout import ExperimentPaths
+    from ..retention import RETENTION_ENV, RetentionPolicy, poll_seconds, prune_and_report, watch
+
+    exp_dir = os.environ.get(EXP_DIR_ENV)
+    policy = RetentionPolicy.from_env_value(os.environ.get(RETENTION_ENV))
+    if not exp_dir or policy is None:
+        return lambda: None
+    paths = ExperimentPaths(name=Path(exp_dir).name, root=Path(exp_dir))
+
+    def holds_lock() -> bool:
+        return held_by_this_process(paths) is not None
+
+    stop = threading.Event()
+    threading.Thread(target=watch, args=(paths, policy, stop, poll_seconds(os.environ), holds_lock),
+                     name="infir2-retention", daemon=True).start()
+
+    def finish() -> None:
+        stop.set()
+        if holds_lock():
+            prune_and_report(paths, policy, who="the launcher at the end of the run")
+
+    return finish
+
+
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
@@ -164,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _install_graceful_close(int(os.environ.get(GRACE_ENV, DEFAULT_GRACE_SECONDS)))
     start_stop_request_watcher()
+    finish_retention = start_retention_watcher()
     args = sys.argv[1:] if argv is None else argv
     rdzv = None
     try:
@@ -180,9 +211,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(message, file=sys.stderr, flush=True)
         sys.exit(EXIT_RENDEZVOUS)
-    finally:  # the workers are gone: give up the experiment lock the launcher took (locking.py)
+    finally:  # the workers are gone: a last prune (retention.py), then give up the experiment lock (locking.py)
         from ..launch.locking import release_at_exit
 
+        finish_retention()
         release_at_exit()
 
 
