@@ -331,7 +331,7 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
     findings.extend(check_files(recipe, paths))
     findings.extend(check_disk_space(recipe, paths, notes))
     if req.check_gpu and env.gpu_check:
-        findings.extend(check_gpu(recipe))
+        findings.extend(check_gpu(recipe.launch.nproc_per_node, recipe.precision.fp8))
     worker_env, env_report = resolve_env(recipe, env.variables)
     if recipe.launch.nnodes > 1:  # say what a multi-node launch waits for, and for how long
         notes.append(f"multi-node: {recipe.launch.nnodes} nodes x {recipe.launch.nproc_per_node} processes meet at "
