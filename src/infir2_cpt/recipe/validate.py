@@ -50,6 +50,8 @@ class Findings:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """HOST:PORT -> (HOST, PORT), an IPv6 HOST keeping its brackets; None unless the port is in 1-65535. The one
+    reading of a rendezvous endpoint: the recipe's rule, the lock's rendezvous-host test and torchrun's wait."""
     match = _ENDPOINT_RE.match(endpoint.strip())
     if not match:
         return None
