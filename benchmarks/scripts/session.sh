@@ -43,10 +43,11 @@ step_prep() {
   python3 benchmarks/scripts/gather_text.py --out "$DATA" --train-mb 200 --heldout-percent 2 \
     /opt/torch/.venv/lib/python3.12/site-packages /usr/lib/python3* >"$RES/console/gather.txt" 2>&1
   for split in train heldout; do
-    /usr/bin/time -v infir2 prepare-data --input "$DATA/$split.jsonl" --tokenizer "$TOK" \
+    infir2 prepare-data --input "$DATA/$split.jsonl" --tokenizer "$TOK" \
       --output-prefix "$DATA/$split" --workers "$(nproc)" >"$RES/console/prepare-$split.txt" 2>&1
   done
   log "prep: $(cat "$DATA/gather.json" 2>/dev/null) $(ls "$DATA" | tr '\n' ' ')"
+  touch "$RES/PREP_DONE"
 }
 
 step_install() {
@@ -189,7 +190,11 @@ lane_B() {
 }
 
 step_run() {  # everything after the staging, as one background job
-  [ -n "${DRY:-}" ] || step_install
+  if [ -z "${DRY:-}" ]; then
+    # the CPU measurements of prep must not share the host with the build; the data must be there for lane B
+    for _ in $(seq 1 60); do [ -f "$RES/PREP_DONE" ] && break; sleep 3; done
+    step_install
+  fi
   lane_A & local a=$!
   lane_B
   wait $a
@@ -197,14 +202,19 @@ step_run() {  # everything after the staging, as one background job
   log "session done"
 }
 
+copy_tree() {  # the jobs run from a copy: each device call lays the uploaded tree anew under them
+  [ -d "$W/src" ] && return 0
+  mkdir -p "$W/src" && tar --exclude=./.gpu-stage -cf - . | tar -xf - -C "$W/src"
+}
+
 step_prepbg() {  # prep in the background (the staging calls go on meanwhile)
-  setsid nohup bash benchmarks/scripts/session.sh prep >"$RES/console/prep-session.txt" 2>&1 &
-  log "prep started"
+  copy_tree
+  (cd "$W/src" && setsid nohup bash benchmarks/scripts/session.sh prep >"$RES/console/prep-session.txt" 2>&1 &)
+  log "prep started in $W/src"
 }
 
 step_start() {
-  # a copy of the tree: each device call lays the uploaded tree anew under the running jobs
-  rm -rf "$W/src" && mkdir -p "$W/src" && tar --exclude=./.gpu-stage -cf - . | tar -xf - -C "$W/src"
+  copy_tree
   (cd "$W/src" && setsid nohup bash benchmarks/scripts/session.sh run >"$RES/console/session.txt" 2>&1 &)
   log "started in $W/src"
 }

@@ -169,9 +169,12 @@ def test_gpu_rule_reports_no_gpu_on_a_cpu_host():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    findings = check_gpu(load_recipe("tiny").recipe)
+    findings = check_gpu(1, "blockwise")
     assert [str(p) for p in findings.machine] == ["gpu: no CUDA GPU is visible on this host"]
     assert findings.config == []
+    converting = check_gpu(1, None, "this conversion builds the Megatron model on one GPU").machine
+    assert [str(p) for p in converting] == ["gpu: no CUDA GPU is visible on this host (this conversion builds the "
+                                            "Megatron model on one GPU)"]
 
 
 @pytest.mark.parametrize("backend,value", [("flash", "1"), ("unfused", "1"), ("local", "1"), ("auto", "0"),

@@ -4,7 +4,6 @@ anything runs, with the overrides all variants share (shape, data, schedule, no 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shlex
 import sys
@@ -16,7 +15,7 @@ from typing import Any, Optional, Sequence
 from ..errors import BenchError, LaunchError, Problem, RecipeError
 from ..launch.execute import format_command
 from ..launch.plan import LaunchEnv, LaunchPlan, LaunchRequest, plan_run
-from ..recipe.load import parse_set, resolve
+from ..recipe.load import format_set, parse_set, resolve
 from ..recipe.schema import Recipe
 from ..recipe.shape import ModelShape
 from ..recipe.validate import EXP_NAME_RE
@@ -123,11 +122,6 @@ class BenchPlan:
     gpu_check: bool = True  # probe the GPU before running (off where $INFIR2_GPU_CHECK=0: CPU stand-in entries)
 
 
-def _value(key: str, value: Any) -> str:
-    """A --set assignment whose value YAML reads back exactly (JSON is YAML)."""
-    return f"{key}={json.dumps(value)}"
-
-
 def _user_keys(sets: Sequence[str]) -> set[str]:
     keys = set()
     for s in sets:
@@ -202,7 +196,7 @@ def bench_sets(recipe: Recipe, req: BenchRequest, steps: int, train_iters: int) 
 
     def put(key: str, value: Any) -> None:
         if key not in user:
-            out.append(_value(key, value))
+            out.append(format_set(key, value))
 
     if req.fidelity:
         put("data.mock", False)

@@ -3,7 +3,6 @@ command line (--variant NAME:ITEMS) or in a YAML file (--variants-file)."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Mapping, Sequence
 import yaml
 
 from ..errors import BenchError, Problem
+from ..recipe.load import format_set
 from ..recipe.validate import EXP_NAME_RE
 
 
@@ -127,7 +127,7 @@ def load_variants_file(path: Path, known: Mapping[str, Variant]) -> list[Variant
             sets, extra = list(base.sets), list(base.extra_args)
         raw_sets = body.get("set") or []
         if isinstance(raw_sets, dict):
-            sets += [f"{k}={json.dumps(v)}" for k, v in raw_sets.items()]
+            sets += [format_set(k, v) for k, v in raw_sets.items()]
         elif isinstance(raw_sets, list):
             sets += [str(s) for s in raw_sets]
         else:

@@ -26,7 +26,7 @@ from ..errors import ConversionError, Problem, RecipeError
 from ..launch.execute import flag_lines
 from ..launch.megatron_args import model_args
 from ..launch.plan import resolve_env
-from ..launch.preflight import nearest_existing
+from ..launch.preflight import check_gpu, nearest_existing
 from ..layout import RECIPE_FILE
 from ..recipe.load import load_recipe
 from ..recipe.schema import Recipe
@@ -143,13 +143,8 @@ def check_out_dir(out: str | None, key: str, problems: list[Problem]) -> Path | 
 
 
 def gpu_problems() -> list[Problem]:
-    try:
-        import torch
-    except ImportError:
-        return [Problem("gpu", "torch is not importable here")]
-    if not torch.cuda.is_available():
-        return [Problem("gpu", "no CUDA GPU is visible on this host (this conversion builds the Megatron model on one GPU)")]
-    return []
+    """The launch preflight's GPU check, for the one GPU a conversion builds the Megatron model on."""
+    return check_gpu(1, None, "this conversion builds the Megatron model on one GPU").machine
 
 
 def conversion_megatron_args(recipe: Recipe, vocab_size: int, padded_vocab: int, save: Path | None = None,

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import LockError
 from ..layout import DEFAULT_ENTRY, ENTRY_ENV, EXP_DIR_ENV, ExperimentPaths
+from ..recipe.validate import parse_endpoint
 
 LOCK_VERSION = 1
 # How long a reader waits for the holder to finish writing a lock it has just created (O_EXCL then write).
@@ -198,13 +199,6 @@ def wait_for_orphans(exp_dir: Path, timeout: float | None = None) -> list[int]:
 # --------------------------------------------------------------------------- multi-node
 
 
-def _split_endpoint(endpoint: str) -> tuple[str, int | None]:
-    host, _, port = endpoint.strip().rpartition(":")
-    if not host:
-        return endpoint.strip(), None
-    return host.strip("[]"), int(port) if port.isdigit() else None
-
-
 def is_rendezvous_host(endpoint: str) -> bool:
     """Whether this machine (this network namespace) owns the rendezvous endpoint's address.
 
@@ -212,7 +206,10 @@ def is_rendezvous_host(endpoint: str) -> bool:
     resolved and a socket is bound to it: binding succeeds exactly for this machine's own addresses
     (loopback included), in this network namespace.
     """
-    host, _ = _split_endpoint(endpoint)
+    parsed = parse_endpoint(endpoint)
+    if parsed is None:  # the launch refuses such an endpoint before it gets here
+        return False
+    host = parsed[0].strip("[]")
     if host in ("localhost", this_host()):
         return True
     try:

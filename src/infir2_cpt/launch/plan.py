@@ -9,7 +9,6 @@ records the plan in the experiment folder and replaces this process with torchru
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ from ..checkpoints import TrackerRepair
 from ..errors import LaunchError
 from ..layout import (DEFAULT_ENTRY, ENTRY_ENV, GPU_CHECK_ENV, SCHEDULE_FILE, DecaySource, ExperimentPaths,
                       exp_root, read_json_object)
-from ..recipe.load import ResolvedRecipe, resolve
+from ..recipe.load import ResolvedRecipe, format_set, resolve
 from ..recipe.schedule import WSDSchedule
 from ..recipe.schema import Recipe
 from ..recipe.validate import Findings, check_config, drop_consequences
@@ -143,7 +142,7 @@ def _cli_sets(req: LaunchRequest) -> list[str]:
                        ("launch.rdzv_endpoint", req.rdzv_endpoint), ("launch.rdzv_id", req.rdzv_id),
                        ("stable_name", req.stable_exp), ("name", req.exp)):
         if value is not None:
-            sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+            sets.append(format_set(key, value))
     return sets
 
 
@@ -352,7 +351,7 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
     findings.extend(check_disk_space(recipe, paths, notes, start.start_iteration, start.schedule.train_iters))
     check_megatron_flags([*recipe.megatron_extra_args, *req.extra_args], findings, notes)
     if req.check_gpu and env.gpu_check:
-        findings.extend(check_gpu(recipe))
+        findings.extend(check_gpu(recipe.launch.nproc_per_node, recipe.precision.fp8))
     worker_env, env_report = resolve_env(recipe, env.variables)
     if recipe.launch.nnodes > 1:  # say what a multi-node launch waits for, and for how long
         notes.append(f"multi-node: {recipe.launch.nnodes} nodes x {recipe.launch.nproc_per_node} processes meet at "

@@ -111,8 +111,10 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_gpu(recipe: Recipe) -> Findings:
-    """GPU count and, for blockwise FP8, compute capability >= 9.0 and CUDA >= 12.9 (TE's own requirement)."""
+def check_gpu(gpus: int, fp8: str | None, purpose: str = "") -> Findings:
+    """The GPU preflight of every command that needs GPUs on this host: `gpus` of them visible and, for blockwise
+    FP8, compute capability >= 9.0 and CUDA >= 12.9 (TE's own requirement). `purpose` says why, when no GPU is
+    visible at all."""
     out = Findings()
     try:
         import torch
@@ -120,13 +122,12 @@ def check_gpu(recipe: Recipe) -> Findings:
         out.add_machine("gpu", "torch is not importable here")
         return out
     if not torch.cuda.is_available():
-        out.add_machine("gpu", "no CUDA GPU is visible on this host")
+        out.add_machine("gpu", "no CUDA GPU is visible on this host" + (f" ({purpose})" if purpose else ""))
         return out
     count = torch.cuda.device_count()
-    if count < recipe.launch.nproc_per_node:
-        out.add_machine("launch.nproc_per_node", f"only {count} GPU(s) visible on this host",
-                        recipe.launch.nproc_per_node)
-    if recipe.precision.fp8 == "blockwise":
+    if count < gpus:
+        out.add_machine("launch.nproc_per_node", f"only {count} GPU(s) visible on this host", gpus)
+    if fp8 == "blockwise":
         major, minor = torch.cuda.get_device_capability(0)
         if (major, minor) < (9, 0):
             out.add_machine("precision.fp8", f"blockwise FP8 needs compute capability >= 9.0 (Hopper); this GPU "

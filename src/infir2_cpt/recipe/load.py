@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,6 +272,12 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str, problems: list
 
 
 # --------------------------------------------------------------------------- overrides
+
+
+def format_set(key: str, value: Any) -> str:
+    """The --set assignment that parse_set reads back as exactly (key, value): the value written as JSON, which
+    is YAML."""
+    return f"{key}={json.dumps(value)}"
 
 
 def parse_set(assignment: str) -> tuple[str, Any]:

@@ -41,6 +41,13 @@ class Findings:
     def add(self, key: str, message: str, value: object = None) -> None:
         self.config.append(Problem(key, message, value))
 
+    def at_least(self, key: str, value: float, low: float, why: str = "") -> bool:
+        """A configuration problem unless value >= low; True when there was none."""
+        if value >= low:
+            return True
+        self.add(key, f"must be >= {low:g}" + (f" {why}" if why else ""), value)
+        return False
+
     def add_machine(self, key: str, message: str, value: object = None) -> None:
         self.machine.append(Problem(key, message, value))
 
@@ -50,6 +57,8 @@ class Findings:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """HOST:PORT -> (HOST, PORT), an IPv6 HOST keeping its brackets; None unless the port is in 1-65535. The one
+    reading of a rendezvous endpoint: the recipe's rule, the lock's rendezvous-host test and torchrun's wait."""
     match = _ENDPOINT_RE.match(endpoint.strip())
     if not match:
         return None
@@ -68,8 +77,7 @@ def check_parallel(recipe: Recipe, out: Findings) -> None:
     for key, value in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp),
                        ("parallel.context_parallel", cp), ("parallel.micro_batch_size", par.micro_batch_size),
                        ("parallel.global_batch_size", par.global_batch_size)):
-        if value < 1:
-            out.add(key, "must be >= 1", value)
+        out.at_least(key, value, 1)
     if min(tp, pp, cp, par.micro_batch_size) < 1:
         return
     if m.num_attention_heads % tp:
@@ -121,8 +129,7 @@ def check_model(recipe: Recipe, out: Findings) -> None:
     m = recipe.model
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "seq_length", "vocab_size"):
-        if getattr(m, key) < 1:
-            out.add(f"model.{key}", "must be >= 1", getattr(m, key))
+        out.at_least(f"model.{key}", getattr(m, key), 1)
     if m.max_position_embeddings < m.seq_length:
         out.add("model.max_position_embeddings", f"must be >= model.seq_length={m.seq_length}",
                 m.max_position_embeddings)
@@ -197,12 +204,9 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
 
 def check_schedule(recipe: Recipe, out: Findings) -> None:
     s = recipe.schedule
-    if s.train_iters < 1:
-        out.add("schedule.train_iters", "must be >= 1", s.train_iters)
-    if s.warmup_iters < 0:
-        out.add("schedule.warmup_iters", "must be >= 0", s.warmup_iters)
-    if s.decay_iters < 1:
-        out.add("schedule.decay_iters", "must be >= 1 (WSD needs a decay length)", s.decay_iters)
+    out.at_least("schedule.train_iters", s.train_iters, 1)
+    out.at_least("schedule.warmup_iters", s.warmup_iters, 0)
+    out.at_least("schedule.decay_iters", s.decay_iters, 1, "(WSD needs a decay length)")
     if s.warmup_iters + s.decay_iters > s.train_iters:
         out.add("schedule", f"warmup_iters + decay_iters = {s.warmup_iters + s.decay_iters} exceeds "
                 f"train_iters = {s.train_iters}")
@@ -218,10 +222,8 @@ def check_logging_and_checkpoint(recipe: Recipe, out: Findings) -> None:
     lg, c = recipe.logging, recipe.checkpoint
     for key, value in (("logging.log_interval", lg.log_interval), ("logging.eval_interval", lg.eval_interval),
                        ("checkpoint.save_interval", c.save_interval)):
-        if value < 1:
-            out.add(key, "must be >= 1", value)
-    if lg.eval_iters < 0:
-        out.add("logging.eval_iters", "must be >= 0", lg.eval_iters)
+        out.at_least(key, value, 1)
+    out.at_least("logging.eval_iters", lg.eval_iters, 0)
     check_retention(recipe, out)
     if c.format != "torch_dist":
         out.add("checkpoint.format", "must be torch_dist (resume detection checks torch_dist completeness)",
@@ -280,22 +282,18 @@ def check_data_and_tokenizer(recipe: Recipe, out: Findings) -> None:
 
 def check_launch(recipe: Recipe, out: Findings) -> None:
     launch = recipe.launch
-    if launch.nnodes < 1:
-        out.add("launch.nnodes", "must be >= 1", launch.nnodes)
-    if launch.nproc_per_node < 1:
-        out.add("launch.nproc_per_node", "must be >= 1", launch.nproc_per_node)
+    out.at_least("launch.nnodes", launch.nnodes, 1)
+    out.at_least("launch.nproc_per_node", launch.nproc_per_node, 1)
     endpoint = parse_endpoint(launch.rdzv_endpoint)
     if endpoint is None:
         out.add("launch.rdzv_endpoint", "must be HOST:PORT with a port in 1-65535", launch.rdzv_endpoint)
     elif launch.nnodes > 1 and is_loopback_host(endpoint[0]):
         out.add("launch.rdzv_endpoint", f"is a loopback address but nnodes={launch.nnodes}: other hosts can never "
                 "reach it; give the first node's hostname or IP", launch.rdzv_endpoint)
-    if launch.join_timeout < 1:
-        out.add("launch.join_timeout", "must be >= 1 second", launch.join_timeout)
-    if launch.exit_duration_minutes is not None and launch.exit_duration_minutes < 1:
-        out.add("launch.exit_duration_minutes", "must be >= 1", launch.exit_duration_minutes)
-    if launch.max_restarts < 0:
-        out.add("launch.max_restarts", "must be >= 0", launch.max_restarts)
+    out.at_least("launch.join_timeout", launch.join_timeout, 1, "second")
+    if launch.exit_duration_minutes is not None:
+        out.at_least("launch.exit_duration_minutes", launch.exit_duration_minutes, 1)
+    out.at_least("launch.max_restarts", launch.max_restarts, 0)
 
 
 def drop_consequences(found: Findings, type_problems: list[Problem]) -> Findings:

@@ -14,7 +14,6 @@ from typing import Any
 
 def main(payload: str) -> None:
     from ..launch.preflight import check_gpu
-    from ..recipe.schema import Recipe
 
     report: dict[str, Any] = {"name": None, "problems": []}
     try:
@@ -26,10 +25,7 @@ def main(payload: str) -> None:
         report["problems"].append({"key": "gpu", "message": f"torch: {exc}"})
     seen = set()
     for check in json.loads(payload):
-        recipe = Recipe()
-        recipe.launch.nproc_per_node = int(check["nproc"])
-        recipe.precision.fp8 = check.get("fp8")
-        for problem in check_gpu(recipe).machine:
+        for problem in check_gpu(int(check["nproc"]), check.get("fp8")).machine:
             item = (problem.key, problem.message, str(problem.value))
             if item not in seen:
                 seen.add(item)

@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..recipe.validate import parse_endpoint
+
 EXIT_RENDEZVOUS = 1
 _PROBE_INTERVAL_S = 1.0
 
@@ -56,15 +58,16 @@ def parse_args(argv: list[str]) -> RendezvousArgs | None:
             options[key.replace("_", "-")] = value
     if options.get("rdzv-backend", "c10d") != "c10d" or "rdzv-endpoint" not in options:
         return None
-    host, _, port = options["rdzv-endpoint"].rpartition(":")
-    if not host or not port.isdigit():
+    endpoint = parse_endpoint(options["rdzv-endpoint"])
+    if endpoint is None:
         return None
+    host, port = endpoint
     conf = dict(item.partition("=")[::2] for item in options.get("rdzv-conf", "").split(",") if item)
     try:
         join_timeout = float(conf.get("join_timeout", 600))
     except ValueError:
         join_timeout = 600.0
-    return RendezvousArgs(nnodes=options.get("nnodes", "1"), host=host.strip("[]"), port=int(port),
+    return RendezvousArgs(nnodes=options.get("nnodes", "1"), host=host.strip("[]"), port=port,
                           rdzv_id=options.get("rdzv-id", "none"), join_timeout=join_timeout)
 
 
