@@ -522,8 +522,8 @@ def test_sigint_becomes_sigterm_for_the_workers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period(tmp_path: Path) -> None:
-    """The worker ignores SIGTERM: after the grace period (launch.stop_grace_seconds, but never less than
-    torchrun's own 30 s) it is SIGKILLed and the launch exits 128 + SIGTERM = 143."""
+    """The worker ignores SIGTERM: after the grace period (launch.stop_grace_seconds) it is SIGKILLed and the
+    launch exits 128 + SIGTERM = 143."""
     run = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{_free_port()}",
                             "--set", "launch.stop_grace_seconds=2"], SLEEPY_IGNORE_SIGTERM="1")
     try:
@@ -531,7 +531,7 @@ def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period(tmp_path: 
         start = time.monotonic()
         run.proc.send_signal(signal.SIGTERM)
         code = run.wait()
-        assert 2 <= time.monotonic() - start < 90
+        assert 2 <= time.monotonic() - start < 25  # the grace asked for, not torchrun's own 30 s
         assert code == 128 + signal.SIGTERM, run.text()
         assert not (tmp_path / "out" / "signal-0.json").exists()
     finally:

@@ -328,3 +328,19 @@ def test_without_megatron_the_flags_are_not_checked_and_it_says_so(cli, exp_root
     assert result.exit_code == 0, result.output
     assert "megatron-core is not importable here: the Megatron flags after `--` were not checked " \
            "(--anything-goes)" in result.stdout
+
+
+def test_megatrons_option_names_are_cached_per_version(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from infir2_cpt.launch import preflight
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    preflight.megatron_option_names.cache_clear()
+    names = preflight.megatron_option_names()
+    cache = tmp_path / "infir2" / f"megatron-core-{importlib.metadata.version('megatron-core')}-options.json"
+    assert names is not None and "--recompute-granularity" in names and cache.is_file()
+    cache.write_text('["--only-this"]')  # the cached names are what the next process reads
+    preflight.megatron_option_names.cache_clear()
+    assert preflight.megatron_option_names() == frozenset({"--only-this"})
+    preflight.megatron_option_names.cache_clear()

@@ -486,3 +486,7 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
     assert ("NCCL_GRAPH_REGISTER", "0", "user (recipe: 0)") in [(e.name, e.value, e.source) for e in user.env_report]
     plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
     assert "INFIR2_RUNTIME_OPTIONS" not in plain.env
+
+
+def test_the_stop_grace_period_is_at_least_a_second(exp_root):
+    assert "launch.stop_grace_seconds: must be >= 1 (got 0)" in config_problems("tiny", "launch.stop_grace_seconds=0")

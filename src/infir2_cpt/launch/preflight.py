@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import importlib.metadata
+import json
 import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 from .. import checkpoints as ck
 from ..argv import last_value
@@ -39,18 +42,41 @@ def check_cuda_graph_env(megatron_args: list[str], env: dict[str, str], out: Fin
                 env.get("NCCL_GRAPH_REGISTER"))
 
 
+def _options_cache(version: str, environ: Mapping[str, str]) -> Path:
+    root = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "infir2" / f"megatron-core-{version}-options.json"
+
+
 @functools.cache
 def megatron_option_names() -> frozenset[str] | None:
-    """Every option string of Megatron's own argument parser, or None when megatron-core is not importable
-    here (a login host without the `megatron` extra)."""
+    """Every option string of Megatron's own argument parser, or None when megatron-core is not importable here
+    (a login host without the `megatron` extra). Building the parser imports megatron.training (seconds), so
+    the names are kept in ~/.cache/infir2, per megatron-core version."""
+    try:
+        version = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    cache = _options_cache(version, os.environ)
+    try:
+        return frozenset(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
     try:
         with warnings.catch_warnings():  # its import warns about optional kernels (APEX, TE) the parser needs not
             warnings.simplefilter("ignore")
             from megatron.training.arguments import add_megatron_arguments
-    except Exception:  # not installed, or broken beyond the point where its parser can be built
+    except Exception:  # installed but broken beyond the point where its parser can be built
         return None
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False, add_help=False))
-    return frozenset(parser._option_string_actions)  # argparse keeps no public list of its option strings
+    names = frozenset(parser._option_string_actions)  # argparse keeps no public list of its option strings
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(names)))
+        tmp.replace(cache)
+    except OSError:  # a read-only home: check without the cache
+        pass
+    return names
 
 
 def check_megatron_flags(flags: list[str], out: Findings, notes: list[str]) -> None:

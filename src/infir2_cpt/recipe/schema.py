@@ -185,7 +185,7 @@ class LaunchConfig:
     max_restarts: int = doc("torchrun worker-group restarts on failure.", default=0)
     stop_grace_seconds: int = doc(
         "On SIGTERM/SIGINT the workers save a checkpoint and exit; they are killed only after this many seconds "
-        "(at least torchrun's own 30).",
+        "(the last resort: a save cut short leaves a partial checkpoint, which the next launch skips).",
         default=900)
 
 

@@ -284,6 +284,7 @@ def check_launch(recipe: Recipe, out: Findings) -> None:
     launch = recipe.launch
     out.at_least("launch.nnodes", launch.nnodes, 1)
     out.at_least("launch.nproc_per_node", launch.nproc_per_node, 1)
+    out.at_least("launch.stop_grace_seconds", launch.stop_grace_seconds, 1)
     endpoint = parse_endpoint(launch.rdzv_endpoint)
     if endpoint is None:
         out.add("launch.rdzv_endpoint", "must be HOST:PORT with a port in 1-65535", launch.rdzv_endpoint)

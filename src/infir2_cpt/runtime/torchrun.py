@@ -128,7 +128,7 @@ def _install_graceful_close(grace_seconds: int) -> None:
     def graceful_close(self: Any, death_sig: signal.Signals, timeout: int = 30) -> None:
         handlers = list(self.subprocess_handlers.values())
         if death_sig in SAVE_SIGNALS:
-            _StopOutcome.workers_exited_cleanly = stop_workers(handlers, max(timeout, grace_seconds))
+            _StopOutcome.workers_exited_cleanly = stop_workers(handlers, grace_seconds)
             return
         plain_close(self, death_sig=death_sig, timeout=timeout)
         _StopOutcome.workers_exited_cleanly = all(h.proc.returncode == 0 for h in handlers)
