@@ -187,13 +187,15 @@ def test_parquet_nulls_and_missing_column(tmp_path: Path, tok_dir: Path, hf_tok:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [DOCS[0], None, "", DOCS[1]]}), tmp_path / "a.parquet", row_group_size=2)
-    result = run([tmp_path / "a.parquet"], tok_dir, tmp_path / "toy")
+    result = run([tmp_path / "a.parquet"], tok_dir, tmp_path / "toy", max_skipped_percent=50)
     assert read_back(result.prefix) == expected(hf_tok, DOCS[:2])
     assert [(e["location"], e["reason"]) for e in result.stats["skipped"]["examples"]] == [
         (f"{tmp_path / 'a.parquet'}:2", "missing_key"), (f"{tmp_path / 'a.parquet'}:3", "empty_document")]
-    pq.write_table(pa.table({"content": DOCS[:3]}), tmp_path / "b.parquet")
-    with pytest.raises(DataError, match="no document to write"):
+    pq.write_table(pa.table({"content": DOCS[:3], "n": [1, 2, 3]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError) as info:
         run([tmp_path / "b.parquet"], tok_dir, tmp_path / "none")
+    (problem,) = info.value.problems
+    assert problem.key == "text-key" and "--text-key content" in problem.message
     assert_nothing_written(tmp_path, "none")
 
 
@@ -249,7 +251,7 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path: Path, tok_dir: Pat
                                                      workers: int, unit_bytes: int | None) -> None:
     """unit_bytes=64 puts nearly every line in a unit of its own: line numbers must still be file-wide."""
     src = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
-    result = run([src], tok_dir, tmp_path / "toy", workers=workers, unit_bytes=unit_bytes)
+    result = run([src], tok_dir, tmp_path / "toy", workers=workers, unit_bytes=unit_bytes, max_skipped_percent=100)
     assert read_back(result.prefix) == expected(hf_tok, DOCS[:4])
     skipped = result.stats["skipped"]
     assert skipped["by_reason"] == {"blank_line": 1, "empty_document": 1, "invalid_text": 1, "malformed_json": 1,
@@ -304,7 +306,7 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path: Path, tok_dir: Path) -
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     write_jsonl(src, [{"text": t} for t in DOCS[:10]] + ["{broken"])
     with pytest.raises(DataError):
-        run([src], tok_dir, tmp_path / "out" / "toy", strict=True)
+        run([src], tok_dir, tmp_path / "out" / "toy", strict=True, force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert Path(first.idx_path).is_file()
 
@@ -362,7 +364,7 @@ def test_cli_prepare_and_inspect(tmp_path: Path, tok_dir: Path, cli: Any) -> Non
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in DOCS[3:6]] + ["{oops"])
     out = tmp_path / "out" / "toy"
     result = cli("prepare-data", "--tokenizer", str(tok_dir), "--output-prefix", str(out), "--workers", "2",
-                 "--input", str(a), str(b))  # a shell glob after --input lands in the positional inputs
+                 "--max-skipped-percent", "20", "--input", str(a), str(b))  # a shell glob after --input lands in the positional inputs
     assert result.exit_code == 0, result.output
     assert f"wrote {out}_text_document.bin" in result.stdout
     assert "documents 6" in result.stdout and f"skipped {b}:4: not valid JSON" in result.stdout
