@@ -307,8 +307,8 @@ def prepare_data(
             _check_skipped(results, skipped, text_key, max_skipped_percent)
             write_index(tmp_paths[2], dtype, lengths)
             indexed = time.perf_counter()
-            times = {"wall_s": indexed - started, "setup_s": setup_done - started,
-                     "startup_s": setup_done - (clock_start if clock_start is not None else started),
+            origin = clock_start if clock_start is not None else started
+            times = {"wall_s": indexed - origin, "setup_s": setup_done - started, "startup_s": setup_done - origin,
                      "tokenize_phase_s": processed - setup_done, "append_s": output.append_s,
                      "merge_s": indexed - processed}
             assert count == len(results)
