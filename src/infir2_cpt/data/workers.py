@@ -178,7 +178,8 @@ def process_unit(unit: WorkUnit, settings: WorkerSettings, tokenizer: Any, repor
                 else:
                     text, reason, detail, record = parse_json_line(payload, settings.text_key)
                 if reason is None:
-                    shard.add(text, result.rows)  # type: ignore[arg-type]
+                    assert text is not None  # a row is either a text or a skip reason
+                    shard.add(text, result.rows)
                     continue
                 result.skip(result.rows, reason, detail)
                 if record is not None and reason == "missing_key":
