@@ -66,7 +66,7 @@ step_data() {
   log "data: corpus, tokenizer, prepare-data"
   python3 scripts/make_toy_corpus.py --output "$d/toy.jsonl" --size-mb 60 --tokenizer-dir "$d/toy-tokenizer" \
     --vocab-size 32000 --tokenizer-sample-mb 10 >"$EV/console/data.txt" 2>&1
-  infir2 prepare-data --input "$d/toy.jsonl" --tokenizer "$d/toy-tokenizer" --output-prefix "$d/toy" --workers 8 \
+  infir2 prepare-data --input "$d/toy.jsonl" --tokenizer "$d/toy-tokenizer" --output-prefix "$d/toy" --workers 8 --force \
     >>"$EV/console/data.txt" 2>&1
   log "data: exit $? $(ls -la "$d" | grep -c text_document) files"
 }

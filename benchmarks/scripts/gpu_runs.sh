@@ -103,7 +103,7 @@ step_data() {  # the tiny recipe on a dataset made by `infir2 prepare-data` (toy
   mkdir -p "$d"
   python3 scripts/make_toy_corpus.py --output "$d/toy.jsonl" --size-mb 40 --tokenizer-dir "$d/toy-tokenizer" \
     --vocab-size 32000 --tokenizer-sample-mb 10 2>&1 | tail -n 3 | tee -a "$OUT/steps.txt"
-  infir2 prepare-data --input "$d/toy.jsonl" --tokenizer "$d/toy-tokenizer" --output-prefix "$d/toy" --workers 8 \
+  infir2 prepare-data --input "$d/toy.jsonl" --tokenizer "$d/toy-tokenizer" --output-prefix "$d/toy" --workers 8 --force \
     2>&1 | tail -n 4 | tee -a "$OUT/steps.txt"
   infir2 inspect-data "$d/toy_text_document" --tokenizer "$d/toy-tokenizer" --n 1 2>&1 | head -n 12 | tee -a "$OUT/steps.txt"
   log "data: tiny on the prepared data"

@@ -44,7 +44,7 @@ step_prep() {
     /opt/torch/.venv/lib/python3.12/site-packages /usr/lib/python3* >"$RES/console/gather.txt" 2>&1
   for split in train heldout; do
     infir2 prepare-data --input "$DATA/$split.jsonl" --tokenizer "$TOK" \
-      --output-prefix "$DATA/$split" --workers "$(nproc)" >"$RES/console/prepare-$split.txt" 2>&1
+      --output-prefix "$DATA/$split" --workers "$(nproc)" --force >"$RES/console/prepare-$split.txt" 2>&1
   done
   log "prep: $(cat "$DATA/gather.json" 2>/dev/null) $(ls "$DATA" | tr '\n' ' ')"
   touch "$RES/PREP_DONE"

@@ -1,12 +1,14 @@
 """`infir2 prepare-data` / `inspect-data`: raw corpus -> Megatron indexed dataset, all on the CPU.
 
 The tokenizer is a small BPE trained inside the session (tests/fakes/toy_tokenizer.py); expected token ids come
-from transformers' own encoding of the same text, and what was written is read back through megatron.core.
+from transformers' own encoding of the same text, what was written is read back through megatron.core, and
+compared byte for byte with what megatron.core's own IndexedDatasetBuilder writes for the same documents.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import multiprocessing
 import os
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infir2_cpt.data import workers
+from infir2_cpt.data import indexed, prepare, workers
 from infir2_cpt.data.inspect import inspect_data
 from infir2_cpt.data.prepare import PrepareResult, format_prepare_report, prepare_data
 from infir2_cpt.errors import DataError, WorkerError
@@ -63,6 +65,17 @@ def read_back(prefix: str) -> list[list[int]]:
     bounds = dataset.document_indices
     return [np.concatenate([dataset[s] for s in range(bounds[d], bounds[d + 1])]).tolist()
             for d in range(len(bounds) - 1)]
+
+
+def megatron_build(prefix: Path, documents: list[list[int]], dtype: Any) -> tuple[bytes, bytes]:
+    """(.bin, .idx) as megatron.core's IndexedDatasetBuilder writes these documents, one add_document each."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for ids in documents:
+        builder.add_document(np.array(ids, dtype=np.int64), [len(ids)])
+    builder.finalize(f"{prefix}.idx")
+    return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
 
 
 def write_jsonl(path: Path, lines: list[Any]) -> Path:
@@ -187,13 +200,15 @@ def test_parquet_nulls_and_missing_column(tmp_path: Path, tok_dir: Path, hf_tok:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [DOCS[0], None, "", DOCS[1]]}), tmp_path / "a.parquet", row_group_size=2)
-    result = run([tmp_path / "a.parquet"], tok_dir, tmp_path / "toy")
+    result = run([tmp_path / "a.parquet"], tok_dir, tmp_path / "toy", max_skipped_percent=50)
     assert read_back(result.prefix) == expected(hf_tok, DOCS[:2])
     assert [(e["location"], e["reason"]) for e in result.stats["skipped"]["examples"]] == [
         (f"{tmp_path / 'a.parquet'}:2", "missing_key"), (f"{tmp_path / 'a.parquet'}:3", "empty_document")]
-    pq.write_table(pa.table({"content": DOCS[:3]}), tmp_path / "b.parquet")
-    with pytest.raises(DataError, match="no document to write"):
+    pq.write_table(pa.table({"content": DOCS[:3], "n": [1, 2, 3]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError) as info:
         run([tmp_path / "b.parquet"], tok_dir, tmp_path / "none")
+    (problem,) = info.value.problems
+    assert problem.key == "text-key" and "--text-key content" in problem.message
     assert_nothing_written(tmp_path, "none")
 
 
@@ -225,6 +240,128 @@ def test_tokenizer_without_eos(tmp_path: Path, tok_dir: Path, hf_tok: Any) -> No
     assert read_back(run([src], no_eos, tmp_path / "toy", append_eod=False).prefix) == expected(hf_tok, DOCS[:1], False)
 
 
+# --------------------------------------------------------------------------- the same bytes as megatron.core's builder
+
+
+def _identity_corpus(tmp_path: Path) -> tuple[bytes, list[str]]:
+    """JSONL bytes with the awkward cases (non-ASCII, a CRLF line end, lines longer than a small block, a bad line,
+    no line end at the very end) and the texts that should come out of it."""
+    texts = DOCS[:30] + ["Grüße, 世界 — ünïcödé\n\ttabs and\u00a0spaces", "crlf line"] + DOCS[30:40]
+    lines = [json.dumps({"text": t}, ensure_ascii=i % 2 == 0) for i, t in enumerate(texts)]
+    lines[31] += "\r"  # the CRLF line
+    lines.insert(5, "{broken")
+    return "\n".join(lines).encode(), texts
+
+
+@pytest.mark.parametrize("form", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_output_is_byte_identical_to_megatron_builder(tmp_path: Path, tok_dir: Path, hf_tok: Any, form: str) -> None:
+    """Whatever the input form, the number of workers or the units: the .bin/.idx megatron.core's builder writes."""
+    import zstandard
+
+    data, texts = _identity_corpus(tmp_path)
+    if form == "jsonl.gz":
+        data = gzip.compress(data)
+    elif form == "jsonl.zst":  # two frames, as parallel compressors write
+        half = len(data) // 2
+        data = zstandard.ZstdCompressor().compress(data[:half]) + zstandard.ZstdCompressor().compress(data[half:])
+    src = tmp_path / f"corpus.{form}"
+    src.write_bytes(data)
+    want_bin, want_idx = megatron_build(tmp_path / "megatron", expected(hf_tok, texts), np.uint16)
+    for workers_, unit_bytes in [(1, None), (3, 2000), (2, 64)]:  # 64: lines longer than a block or unit
+        result = run([src], tok_dir, tmp_path / f"w{workers_}-{unit_bytes}", workers=workers_, unit_bytes=unit_bytes)
+        assert Path(result.bin_path).read_bytes() == want_bin
+        assert Path(result.idx_path).read_bytes() == want_idx
+        assert read_back(result.prefix) == expected(hf_tok, texts)
+        assert [e["location"] for e in result.stats["skipped"]["examples"]] == [f"{src}:6"]
+        if unit_bytes:  # a single file, compressed or not, is cut into many units for the workers
+            assert result.stats["units"] > 10
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_index_writer_matches_megatron(tmp_path: Path, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = np.random.default_rng(0).integers(1, 5000, size=1000)
+    documents = [[7] * int(n) for n in lengths]
+    _, want_idx = megatron_build(tmp_path / "megatron", documents, dtype)
+    monkeypatch.setattr(indexed, "_CHUNK", 64)  # the offsets and boundaries written in several pieces
+    indexed.write_index(tmp_path / "ours.idx", np.dtype(dtype), lengths)
+    assert (tmp_path / "ours.idx").read_bytes() == want_idx
+    assert indexed.token_dtype(65499) == np.uint16 and indexed.token_dtype(151_669) == np.int32
+
+
+def test_stats_record_the_tokenizer_and_the_largest_id(tmp_path: Path, tok_dir: Path, hf_tok: Any) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in DOCS[:8]])
+    stats = run([src], tok_dir, tmp_path / "toy").stats
+    assert stats["tokenizer"] == {
+        "name": tok_dir.name, "path": str(tok_dir.resolve()), "class": "PreTrainedTokenizerFast",
+        "vocab_size": len(hf_tok), "eod_token": hf_tok.eos_token, "eod_id": hf_tok.eos_token_id,
+        "tokenizer_json_sha256": hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()}
+    assert stats["max_token_id"] == max(max(ids) for ids in expected(hf_tok, DOCS[:8]))
+    assert stats["text_bytes"] == src.stat().st_size
+
+
+# --------------------------------------------------------------------------- refusals: wrong key, existing output
+
+
+def test_a_wrong_text_key_fails_and_names_the_fields(tmp_path: Path, tok_dir: Path, cli: Any) -> None:
+    """13 of 14 records without the text field: exit 2, nothing written, the field that holds the text named."""
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": DOCS[0]}] + [{"id": i, "content": t} for i, t in
+                                                                   enumerate(DOCS[1:14])])
+    failed = cli("prepare-data", "-i", str(src), "-t", str(tok_dir), "-o", str(tmp_path / "toy"))
+    assert failed.exit_code == 2
+    assert "input: 13 of 14 records (92.9%) were skipped (missing_key 13): more than --max-skipped-percent 10" \
+        in failed.stderr
+    assert "text-key: 13 of 14 records have no such field (or it is null); the fields they have: content (13 " \
+        "records" in failed.stderr
+    assert "--text-key content (got 'text')" in failed.stderr
+    assert_nothing_written(tmp_path)
+    accepted = cli("prepare-data", "-i", str(src), "-t", str(tok_dir), "-o", str(tmp_path / "toy"),
+                   "--max-skipped-percent", "95")
+    assert accepted.exit_code == 0, accepted.output
+    assert "documents 1," in accepted.stdout
+
+
+def test_a_text_key_no_record_has_fails_before_any_work(tmp_path: Path, tok_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "body": t} for i, t in enumerate(DOCS[:20])])
+    monkeypatch.setattr(prepare, "run_workers", lambda *args: pytest.fail("workers started"))
+    with pytest.raises(DataError) as info:
+        run([src], tok_dir, tmp_path / "toy", workers=2)
+    (problem,) = info.value.problems
+    assert problem.key == "text-key" and problem.value == "text"
+    assert problem.message.startswith("the first 20 records of the inputs have no such field")
+    assert "body (20 records" in problem.message and problem.message.endswith("--text-key body")
+    assert_nothing_written(tmp_path)
+
+
+def test_an_existing_dataset_is_replaced_only_with_force(tmp_path: Path, tok_dir: Path, hf_tok: Any,
+                                                         cli: Any) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in DOCS[:3]])
+    first = run([src], tok_dir, tmp_path / "out" / "toy")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    write_jsonl(src, [{"text": t} for t in DOCS[3:6]])
+    with pytest.raises(DataError) as info:
+        run([src], tok_dir, tmp_path / "out" / "toy")
+    (problem,) = info.value.problems
+    assert problem.key == "output-prefix" and "give --force to replace it" in problem.message
+    refused = cli("prepare-data", "-i", str(src), "-t", str(tok_dir), "-o", str(tmp_path / "out" / "toy"))
+    assert refused.exit_code == 2 and "its dataset exists" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    forced = cli("prepare-data", "-i", str(src), "-t", str(tok_dir), "-o", str(tmp_path / "out" / "toy"), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert read_back(first.prefix) == expected(hf_tok, DOCS[3:6])
+
+
+def test_a_failed_run_leaves_no_folder_it_created(tmp_path: Path, tok_dir: Path) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": DOCS[0]}, "{broken"])
+    with pytest.raises(DataError):
+        run([src], tok_dir, tmp_path / "new" / "deeper" / "toy", strict=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(DataError):
+        run([src], tok_dir, tmp_path / "kept" / "toy", strict=True)
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
 # --------------------------------------------------------------------------- bad records
 
 
@@ -249,7 +386,7 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path: Path, tok_dir: Pat
                                                      workers: int, unit_bytes: int | None) -> None:
     """unit_bytes=64 puts nearly every line in a unit of its own: line numbers must still be file-wide."""
     src = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
-    result = run([src], tok_dir, tmp_path / "toy", workers=workers, unit_bytes=unit_bytes)
+    result = run([src], tok_dir, tmp_path / "toy", workers=workers, unit_bytes=unit_bytes, max_skipped_percent=100)
     assert read_back(result.prefix) == expected(hf_tok, DOCS[:4])
     skipped = result.stats["skipped"]
     assert skipped["by_reason"] == {"blank_line": 1, "empty_document": 1, "invalid_text": 1, "malformed_json": 1,
@@ -304,7 +441,7 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path: Path, tok_dir: Path) -
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     write_jsonl(src, [{"text": t} for t in DOCS[:10]] + ["{broken"])
     with pytest.raises(DataError):
-        run([src], tok_dir, tmp_path / "out" / "toy", strict=True)
+        run([src], tok_dir, tmp_path / "out" / "toy", strict=True, force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert Path(first.idx_path).is_file()
 
@@ -362,7 +499,7 @@ def test_cli_prepare_and_inspect(tmp_path: Path, tok_dir: Path, cli: Any) -> Non
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in DOCS[3:6]] + ["{oops"])
     out = tmp_path / "out" / "toy"
     result = cli("prepare-data", "--tokenizer", str(tok_dir), "--output-prefix", str(out), "--workers", "2",
-                 "--input", str(a), str(b))  # a shell glob after --input lands in the positional inputs
+                 "--max-skipped-percent", "20", "--input", str(a), str(b))  # a shell glob after --input lands in the positional inputs
     assert result.exit_code == 0, result.output
     assert f"wrote {out}_text_document.bin" in result.stdout
     assert "documents 6" in result.stdout and f"skipped {b}:4: not valid JSON" in result.stdout

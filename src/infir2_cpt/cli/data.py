@@ -26,6 +26,12 @@ def prepare_data(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop at the first malformed line or record without the text field, instead of skipping "
         "and counting it.")] = False,
+    max_skipped_percent: Annotated[float, typer.Option(
+        "--max-skipped-percent", metavar="PERCENT", help="Fail (exit 2, nothing written) when more than this share "
+        "of the records are skipped as malformed, without the text field or not text; blank lines and empty "
+        "documents do not count.")] = 10.0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing dataset at the output prefix (only once the new one is complete).")] = False,
     more_inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUT...",
         help="More inputs, so that a shell glob works: --input data/*.jsonl.", show_default=False)] = None,
 ) -> None:
@@ -36,20 +42,27 @@ def prepare_data(
     tokens, skipped lines with file:line and reason, length histogram, time split). Put
     OUTPUT_PREFIX_text_document in a recipe's data.blend.
 
-    Malformed lines and records without the text field are skipped and counted (--strict: fatal); empty
-    documents are skipped. Files are written under temporary names and renamed at the end, so a failed or
-    interrupted run leaves no final-named file. Progress (documents/s, tokens/s) goes to stderr.
+    Malformed lines and records without the text field are skipped and counted (--strict: fatal; more than
+    --max-skipped-percent of them: the run fails and names the fields the records have); empty documents are
+    skipped. An existing dataset is replaced only with --force. Files are written under temporary names and
+    renamed at the end, so a failed or interrupted run leaves no final-named file. Progress (documents/s,
+    tokens/s) goes to stderr.
 
     Examples:
 
     
       infir2 prepare-data --input corpus.jsonl.gz --tokenizer /models/Qwen2.5-7B --output-prefix data/corpus --workers 16
     """
-    from ..data.prepare import format_prepare_report, prepare_data as prepare
+    import time
 
+    from ..data.prepare import format_prepare_report, prepare_data as prepare, process_age
+
+    age = process_age()  # start-up is counted from the process start: the interpreter and imports are part of it
     try:
-        result = prepare([*(inputs or []), *(more_inputs or [])], tokenizer, output_prefix,
-                                   text_key=text_key, workers=workers, append_eod=append_eod, strict=strict)
+        result = prepare([*(inputs or []), *(more_inputs or [])], tokenizer, output_prefix, text_key=text_key,
+                         workers=workers, append_eod=append_eod, strict=strict,
+                         max_skipped_percent=max_skipped_percent, force=force,
+                         clock_start=time.perf_counter() - age if age is not None else None)
     except KeyboardInterrupt:
         print("\ninfir2: prepare-data interrupted (nothing written)", file=sys.stderr)
         raise typer.Exit(130)

@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from ..errors import DataError, Problem
-from .inputs import STATS_SUFFIX, load_tokenizer, megatron_indexed_dataset, quiet_megatron
+from .inputs import STATS_SUFFIX
+from .tokenizer import load_tokenizer
+
+
+@contextlib.contextmanager
+def quiet_megatron() -> Iterator[None]:
+    """Silence megatron.core's import- and rank-related warnings: on a host without CUDA, Transformer Engine
+    or torch.distributed they say nothing about the data."""
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_logger.setLevel(level)
+
+
+def megatron_indexed_dataset() -> ModuleType:
+    """megatron.core's indexed_dataset module: inspect-data reads a dataset the way training will."""
+    try:
+        with quiet_megatron():
+            from megatron.core.datasets import indexed_dataset
+    except ImportError as exc:
+        problem = Problem("megatron-core", f"cannot be imported ({exc}); install infir2-cpt[megatron]")
+        raise DataError([problem]) from None
+    return indexed_dataset
 
 
 @dataclass(frozen=True)
@@ -59,7 +91,7 @@ def _summarize(prefix: str | Path, tokenizer_dir: str | Path | None, n: int) -> 
     if n < 0:
         raise DataError([Problem("n", "must be >= 0", n)])
     path = resolve_prefix(prefix)
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    tokenizer = load_tokenizer(tokenizer_dir).tokenizer if tokenizer_dir is not None else None
     indexed = megatron_indexed_dataset()
     try:
         with quiet_megatron():

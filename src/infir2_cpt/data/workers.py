@@ -1,11 +1,11 @@
-"""prepare-data's worker processes: one unit of input -> one shard of the indexed dataset (read, parse, tokenize
-with the Hugging Face fast tokenizer's Rust backend, write with megatron.core's IndexedDatasetBuilder), N workers
-taking units one at a time, and the progress line."""
+"""prepare-data's worker processes: one unit of input -> one shard of token ids (read, parse, tokenize with the
+Hugging Face `tokenizers` library, one core per worker, and write the ids in the dataset's dtype), N workers taking
+units one at a time from a queue that a reader thread in the parent fills (splitting compressed files into blocks
+of lines as it goes), results handed back in input order; and the progress line."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -15,28 +15,28 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from itertools import chain
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
 from ..errors import DataError, Problem, WorkerError
-from .inputs import (EXAMPLES_PER_REASON, FATAL_REASONS, SKIP_REASONS, WorkUnit, check_text,
-                     megatron_indexed_dataset, parse_json_line, read_batches)
+from .inputs import (COMPRESSED_KINDS, EXAMPLES_PER_REASON, FATAL_REASONS, SKIP_REASONS, FieldTally, WorkUnit,
+                     check_text, compressed_blocks, lines_before, parquet_string_columns, parse_json_line, read_rows)
+
+BATCH_CHARS = 1 << 20  # characters per tokenizer call at most (and DEFAULT_BATCH documents): memory stays small
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What every worker needs; picklable."""
+    """What every worker needs besides the tokenizer; picklable."""
 
-    tokenizer_json: str  # the backend tokenizer, serialized: workers need neither transformers nor the folder
     text_key: str
     eod_id: int | None  # None: no EOD appended (--no-append-eod)
     dtype: str
     strict: bool
-    batch_size: int
+    batch_size: int  # documents per tokenizer call at most
     shard_dir: str
 
 
@@ -47,12 +47,19 @@ WORKER_PHASES = ("read_parse", "tokenize", "convert", "write")
 @dataclass
 class UnitResult:
     index: int
-    shard_prefix: str
+    path: str
+    kind: str
+    first_row: int  # as in WorkUnit
+    shard_path: str  # the unit's token ids, back to back
     rows: int = 0
     documents: int = 0
     tokens: int = 0
+    text_bytes: int = 0  # uncompressed input read
+    max_token_id: int = -1
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # tokens per document
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[int, str, str]] = field(default_factory=list)  # (row in the unit, reason, detail)
+    fields: FieldTally = field(default_factory=FieldTally)  # of the records without the text field
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WORKER_PHASES, 0.0))
     cpu_s: float = 0.0  # CPU time of the worker on this unit: wall times above stretch when cores are shared
 
@@ -66,27 +73,9 @@ class UnitResult:
 Report = Callable[[int, int, int], None]  # (documents, tokens, bytes) done since the last report
 
 
-def _count_lines(path: str, end: int) -> int:
-    """Newlines in the first `end` bytes of a file (only on the strict error path)."""
-    count = 0
-    with open(path, "rb") as f:
-        while end > 0:
-            chunk = f.read(min(end, 16 << 20))
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            end -= len(chunk)
-    return count
-
-
-def _lines_before(unit: WorkUnit) -> int:
-    """Lines (parquet: rows) of the file before the unit's first one, computed inside the worker."""
-    return _count_lines(unit.path, unit.start) if unit.kind == "jsonl" else unit.first_row
-
-
 def _location(unit: WorkUnit, row: int) -> str:
     """file:line (1-based; the parquet row for parquet) of a row of a unit."""
-    return f"{unit.path}:{_lines_before(unit) + row}"
+    return f"{unit.path}:{lines_before(unit) + row}"
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int] | None]:
@@ -104,111 +93,124 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int] | None]:
         return ids
 
 
-def _write(builder: Any, documents: list[list[int]], dtype: np.dtype) -> int:
-    """Append documents to the shard: one numpy conversion for the batch, one add_document per document.
-    Returns the tokens written."""
-    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-    tokens = int(lengths.sum())
-    flat = np.fromiter(chain.from_iterable(documents), dtype=dtype, count=tokens)
-    ends = np.cumsum(lengths)
-    for start, end in zip((ends - lengths).tolist(), ends.tolist()):
-        builder.add_document(flat[start:end], [end - start])
-    return tokens
+class _Shard:
+    """One unit's output: documents tokenized a batch at a time and appended to the shard file."""
+
+    def __init__(self, unit: WorkUnit, settings: WorkerSettings, tokenizer: Any, out: BinaryIO,
+                 result: UnitResult) -> None:
+        self.unit, self.settings, self.tokenizer, self.out, self.result = unit, settings, tokenizer, out, result
+        self.dtype = np.dtype(settings.dtype)
+        self.texts: list[str] = []
+        self.rows: list[int] = []
+        self.chars = 0
+        self.lengths: list[np.ndarray] = []
+
+    def add(self, text: str, row: int) -> None:
+        self.texts.append(text)
+        self.rows.append(row)
+        self.chars += len(text)
+        if len(self.texts) >= self.settings.batch_size or self.chars >= BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.texts:
+            return
+        result, times, eod = self.result, self.result.times, self.settings.eod_id
+        t0 = time.perf_counter()
+        encoded = _tokenize(self.tokenizer, self.texts)
+        t1 = time.perf_counter()
+        flat: list[int] = []
+        lengths: list[int] = []
+        for ids, row in zip(encoded, self.rows):
+            if ids is None:
+                result.skip(row, "invalid_text", "")
+                if self.settings.strict:
+                    raise DataError([Problem(_location(self.unit, row), SKIP_REASONS["invalid_text"] + " [--strict]")])
+            elif not ids:
+                result.skip(row, "empty_document", "no tokens")
+            else:
+                flat += ids
+                if eod is not None:
+                    flat.append(eod)
+                lengths.append(len(ids) + (eod is not None))
+        try:
+            tokens = np.array(flat, dtype=self.dtype)
+        except OverflowError:  # numpy refuses an id that does not fit; never silently wrap it
+            raise DataError([Problem("tokenizer", f"produced token id {max(flat)}, which does not fit the dataset's "
+                                     f"{self.dtype.name} (chosen from its vocabulary size)")]) from None
+        t2 = time.perf_counter()
+        self.out.write(memoryview(tokens))
+        t3 = time.perf_counter()
+        if tokens.size:
+            result.max_token_id = max(result.max_token_id, int(tokens.max()))
+        self.lengths.append(np.array(lengths, dtype=np.int32))
+        result.documents += len(lengths)
+        result.tokens += int(tokens.size)
+        times["tokenize"] += t1 - t0
+        times["convert"] += t2 - t1
+        times["write"] += t3 - t2
+        self.texts, self.rows, self.chars = [], [], 0
 
 
 def process_unit(unit: WorkUnit, settings: WorkerSettings, tokenizer: Any, report: Report) -> UnitResult:
     """Read, parse, tokenize and write one unit into its own shard (in a worker process)."""
-    indexed = megatron_indexed_dataset()
-    dtype = np.dtype(settings.dtype)
-    shard = os.path.join(settings.shard_dir, f"shard-{unit.index:06d}")
-    builder = indexed.IndexedDatasetBuilder(shard + ".bin", dtype=dtype.type)
-    result = UnitResult(unit.index, shard)
-    times = result.times
+    shard_path = os.path.join(settings.shard_dir, f"shard-{unit.index:06d}.bin")
+    result = UnitResult(unit.index, unit.path, unit.kind, unit.first_row, shard_path)
     started, cpu_started = time.perf_counter(), time.process_time()
-    reported_bytes = 0
-    batches = read_batches(unit, settings.batch_size, settings.text_key)
-    if unit.kind == "parquet":  # a parquet row is the text column's value, a JSONL row a line to parse
-        check_row = check_text
-    else:
-        check_row = functools.partial(parse_json_line, text_key=settings.text_key)
-    while True:
-        try:
-            payloads, position = next(batches)
-        except StopIteration:
-            break
-        except Exception as exc:  # a corrupt or truncated file: fatal, since the rest of it is unreadable
-            line = _lines_before(unit) + result.rows
-            raise DataError([Problem(unit.path, f"unreadable after line {line}, corrupt or truncated? "
-                                     f"({type(exc).__name__}: {exc})")]) from None
-        texts, rows = [], []
-        for payload in payloads:
-            result.rows += 1
-            text, reason, detail = check_row(payload)
-            if reason is None:
-                texts.append(text)
-                rows.append(result.rows)
-                continue
-            result.skip(result.rows, reason, detail)
-            if settings.strict and reason in FATAL_REASONS:
-                message = SKIP_REASONS[reason] + (f" ({detail})" if detail else "") + " [--strict]"
-                raise DataError([Problem(_location(unit, result.rows), message)])
-        docs_before, tokens_before = result.documents, result.tokens
-        if texts:
-            _tokenize_and_write(texts, rows, unit, settings, tokenizer, builder, dtype, result)
-        report(result.documents - docs_before, result.tokens - tokens_before, position - reported_bytes)
-        reported_bytes = position
-    t0 = time.perf_counter()
-    builder.finalize(shard + ".idx")
-    times["write"] += time.perf_counter() - t0
+    parquet = unit.kind == "parquet"
+    batches = read_rows(unit, settings.batch_size, settings.text_key)
+    reported = (0, 0, 0)  # documents, tokens, bytes
+    with open(shard_path, "wb") as out:
+        shard = _Shard(unit, settings, tokenizer, out, result)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # a file changed or damaged since it was planned: the rest is unreadable
+                line = lines_before(unit) + result.rows
+                raise DataError([Problem(unit.path, f"unreadable after line {line}, corrupt or truncated? "
+                                         f"({type(exc).__name__}: {exc})")]) from None
+            for payload in batch.payloads:
+                result.rows += 1
+                if parquet:  # a parquet row is the text column's value, a JSONL row a line to parse
+                    (text, reason, detail), record = check_text(payload), None
+                else:
+                    text, reason, detail, record = parse_json_line(payload, settings.text_key)
+                if reason is None:
+                    assert text is not None  # a row is either a text or a skip reason
+                    shard.add(text, result.rows)
+                    continue
+                result.skip(result.rows, reason, detail)
+                if record is not None and reason == "missing_key":
+                    result.fields.add(record, settings.text_key)
+                if settings.strict and reason in FATAL_REASONS:
+                    message = SKIP_REASONS[reason] + (f" ({detail})" if detail else "") + " [--strict]"
+                    raise DataError([Problem(_location(unit, result.rows), message)])
+            result.text_bytes += batch.text_bytes
+            now = (result.documents, result.tokens, batch.done_bytes)
+            report(now[0] - reported[0], now[1] - reported[1], now[2] - reported[2])
+            reported = now
+        shard.flush()
+    if reported[:2] != (result.documents, result.tokens):
+        report(result.documents - reported[0], result.tokens - reported[1], 0)
+    if parquet and result.skipped.get("missing_key"):
+        result.fields.add_columns(result.skipped["missing_key"], parquet_string_columns(unit.path, unit.start),
+                                  settings.text_key)
+    result.lengths = np.concatenate(shard.lengths) if shard.lengths else result.lengths
+    times = result.times
     times["read_parse"] = time.perf_counter() - started - times["tokenize"] - times["convert"] - times["write"]
     result.cpu_s = time.process_time() - cpu_started
     return result
 
 
-def _tokenize_and_write(texts: list[str], rows: list[int], unit: WorkUnit, settings: WorkerSettings, tokenizer: Any,
-                        builder: Any, dtype: np.dtype, result: UnitResult) -> None:
-    t0 = time.perf_counter()
-    encoded = _tokenize(tokenizer, texts)
-    t1 = time.perf_counter()
-    documents: list[list[int]] = []
-    for ids, row in zip(encoded, rows):
-        if ids is None:
-            result.skip(row, "invalid_text", "")
-            if settings.strict:
-                raise DataError([Problem(_location(unit, row), SKIP_REASONS["invalid_text"] + " [--strict]")])
-        elif not ids:
-            result.skip(row, "empty_document", "no tokens")
-        else:
-            if settings.eod_id is not None:
-                ids.append(settings.eod_id)
-            documents.append(ids)
-    t2 = time.perf_counter()
-    tokens = _write(builder, documents, dtype)
-    t3 = time.perf_counter()
-    result.documents += len(documents)
-    result.tokens += tokens
-    result.times["tokenize"] += t1 - t0
-    result.times["convert"] += t2 - t1
-    result.times["write"] += t3 - t2
-
-
 # --------------------------------------------------------------------------- worker processes
-
-
-def _backend_tokenizer(tokenizer_json: str) -> Any:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    # a tokenizer.json may carry truncation or padding settings, which would silently cut documents
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _worker_main(settings: WorkerSettings, tasks: Any, events: Any, parent_pid: int) -> None:
+def _worker_main(settings: WorkerSettings, tokenizer: Any, tasks: Any, events: Any, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() must end us at once (fork copies
                                                    # the parent's SIGTERM handler)
@@ -219,7 +221,6 @@ def _worker_main(settings: WorkerSettings, tasks: Any, events: Any, parent_pid: 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     try:
-        tokenizer = _backend_tokenizer(settings.tokenizer_json)
         while True:
             if os.getppid() != parent_pid:  # the parent was killed without stopping us: stop after this unit
                 events.cancel_join_thread()  # nobody reads the events any more; do not wait to flush them
@@ -239,8 +240,40 @@ def _worker_main(settings: WorkerSettings, tasks: Any, events: Any, parent_pid: 
         events.put(("crash", traceback.format_exc()))
 
 
+def _feed(units: Iterable[WorkUnit], block_bytes: int, tasks: Any, events: Any, workers: int,
+          stop: threading.Event) -> None:
+    """The reader thread: units into the task queue in input order, numbered as they go; a compressed file is
+    read here and handed out as blocks of lines. Ends with ("planned", count) and one stop mark per worker."""
+
+    def put(item: WorkUnit | None) -> bool:
+        while not stop.is_set():
+            try:
+                tasks.put(item, timeout=0.5)
+                return True
+            except queue_module.Full:
+                continue
+        return False
+
+    try:
+        index = 0
+        for unit in units:
+            parts = compressed_blocks(unit, block_bytes) if unit.kind in COMPRESSED_KINDS else [unit]
+            for part in parts:
+                if not put(replace(part, index=index)):
+                    return
+                index += 1
+        events.put(("planned", index))
+        for _ in range(workers):
+            if not put(None):
+                return
+    except DataError as exc:
+        events.put(("error", exc))
+    except BaseException:
+        events.put(("crash", traceback.format_exc()))
+
+
 def _mp_context() -> Any:
-    # fork: workers inherit the imported megatron.core and torch (seconds to import again under spawn)
+    # fork: the workers inherit the loaded tokenizer (spawn pickles it, as tokenizer.json, to each worker)
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
@@ -252,16 +285,17 @@ def _dead_worker_message(exitcode: int) -> str:
     return f"a worker process exited with code {exitcode}"
 
 
-def run_workers(units: list[WorkUnit], settings: WorkerSettings, workers: int, progress: "Progress") -> list[UnitResult]:
+def run_workers(units: list[WorkUnit], settings: WorkerSettings, tokenizer: Any, workers: int, block_bytes: int,
+                progress: "Progress", consume: Callable[[UnitResult], None]) -> int:
+    """Process every unit in `workers` processes; consume() gets each unit's result in input order, as soon as
+    it and every earlier one are done. Returns the number of units (compressed files count by block)."""
     ctx = _mp_context()
-    tasks, events = ctx.Queue(), ctx.Queue()
-    for unit in units:
-        tasks.put(unit)
-    processes = [ctx.Process(target=_worker_main, args=(settings, tasks, events, os.getpid()),
+    if not any(u.kind in COMPRESSED_KINDS for u in units):
+        workers = min(workers, len(units))
+    tasks, events = ctx.Queue(maxsize=2 * workers), ctx.Queue()
+    processes = [ctx.Process(target=_worker_main, args=(settings, tokenizer, tasks, events, os.getpid()),
                              name=f"infir2-prepare-data-{i}", daemon=True)
-                 for i in range(min(workers, len(units)))]
-    for _ in processes:
-        tasks.put(None)
+                 for i in range(workers)]
     with warnings.catch_warnings():
         # Python warns about forking a multi-threaded process; the only other thread here is the idle
         # OpenBLAS pool that importing numpy starts, and OpenBLAS makes itself fork-safe
@@ -272,9 +306,15 @@ def run_workers(units: list[WorkUnit], settings: WorkerSettings, workers: int, p
                 process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    results: dict[int, UnitResult] = {}
+    stop = threading.Event()
+    feeder = threading.Thread(target=_feed, args=(units, block_bytes, tasks, events, workers, stop),
+                              name="infir2-prepare-data-reader", daemon=True)
+    feeder.start()  # after the forks: a worker must not inherit a thread in the middle of reading
+    pending: dict[int, UnitResult] = {}
+    planned: int | None = None
+    next_index = 0
     try:
-        while len(results) < len(units):
+        while planned is None or next_index < planned:
             try:
                 kind, *payload = events.get(timeout=0.5)
             except queue_module.Empty:
@@ -288,21 +328,28 @@ def run_workers(units: list[WorkUnit], settings: WorkerSettings, workers: int, p
             if kind == "progress":
                 progress.add(*payload)
             elif kind == "done":
-                results[payload[0].index] = payload[0]
+                pending[payload[0].index] = payload[0]
+                while next_index in pending:
+                    consume(pending.pop(next_index))
+                    next_index += 1
+            elif kind == "planned":
+                planned = payload[0]
             elif kind == "error":
                 raise payload[0]
             else:
                 raise WorkerError(f"a worker failed:\n{payload[0]}")
     finally:
+        stop.set()
         for process in processes:
             if process.is_alive():
                 process.terminate()
         for process in processes:
             process.join(timeout=10)
+        feeder.join(timeout=10)
         for q in (tasks, events):
             q.cancel_join_thread()  # never block on items nobody will read
             q.close()
-    return [results[u.index] for u in units]
+    return next_index
 
 
 @contextlib.contextmanager
