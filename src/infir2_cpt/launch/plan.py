@@ -30,6 +30,7 @@ from ..retention import RETENTION_ENV
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
 from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
+from .vocabulary import check_data_vocabulary, follow_tokenizer, recipe_tokenizer
 from .preflight import check_cuda_graph_env, check_disk_space, check_files, check_gpu, check_megatron_flags
 
 
@@ -339,6 +340,8 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
     findings = Findings(config=list(resolved.problems))
     findings.extend(drop_consequences(check_config(recipe), resolved.problems))
     notes: list[str] = []
+    tokenizer = recipe_tokenizer(recipe)
+    recipe = follow_tokenizer(recipe, tokenizer, notes)
     if req.decay_load is None and recipe.phase == "decay":
         findings.add("recipe", f"'{req.recipe}' is a decay recipe: run it with "
                      f"`infir2 decay --recipe {req.recipe} --load iter_NNNNNNN`", req.recipe)
@@ -348,6 +351,7 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
         stable = ExperimentPaths.for_name(recipe.stable_name or recipe.name, env.exp_root)
         start = plan_decay_run(recipe, paths, stable, req.decay_load, findings, notes)
     findings.extend(check_files(recipe, paths))
+    findings.extend(check_data_vocabulary(recipe, tokenizer))
     findings.extend(check_disk_space(recipe, paths, notes, start.start_iteration, start.schedule.train_iters))
     check_megatron_flags([*recipe.megatron_extra_args, *req.extra_args], findings, notes)
     if req.check_gpu and env.gpu_check:
