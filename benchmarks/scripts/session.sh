@@ -72,13 +72,19 @@ bench() {  # NAME ARGS...: one infir2 bench (its variants one after the other)
   log "bench $name: exit $?"
 }
 S7=(--recipe 7b --layers 8 --seq 8192)
-Q=(--steps 10 --warmup-steps 3)
+Q=(--steps 8 --warmup-steps 3)
+Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 warm-up iterations
 
 # ---- lane A (GPU 0; DP 2 uses both): speed and memory
 step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,bf16-seedflags,bf16-qkvrope,fp8-blockwise,fp8-lmhead,fp8-attn,fp8-mem,fp8-all; }
 step_ADP2() { CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 \
   --variants bf16,fp8-blockwise,fp8-all; }  # memory only: GPU 1 is busy with lane B meanwhile
-step_A15() { bench b15 --recipe 1.5b --seq 8192 "${Q[@]}" --variants bf16,fp8-blockwise,bf16-graph,fp8-graph,fp8-all-tied; }
+step_A15() { bench b15 --recipe 1.5b --seq 8192 "${Q15[@]}" \
+  --variants bf16,bf16-seedflags,fp8-blockwise,bf16-graph,fp8-graph,fp8-all-tied; }
+step_Afid() {  # BF16 Adam moments, offered in both precisions: their fidelity against BF16 with FP32 moments
+  bench fid-moments --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
+    --variants bf16,bf16-moments,fp8-moments
+}
 
 # ---- lane B (GPU 1)
 step_Bstop() {
@@ -176,20 +182,26 @@ step_Beval() {
 }
 step_Bfid() {
   bench fid --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
-    --variants bf16,fp8-blockwise,fp8-all,bf16-moments,fp8-moments
+    --variants bf16,fp8-blockwise,fp8-all
 }
 
-lane_A() { CUDA_VISIBLE_DEVICES=0 step_A7; step_ADP2; CUDA_VISIBLE_DEVICES=0 step_A15; log "lane A done"; }
-lane_B() {
+lane_A() {
+  CUDA_VISIBLE_DEVICES=0 step_A7
+  step_ADP2
+  CUDA_VISIBLE_DEVICES=0 step_A15
+  CUDA_VISIBLE_DEVICES=0 step_Afid
+  log "lane A done"
+}
+lane_B() {  # tiny runs: several share GPU 1 at once
   export CUDA_VISIBLE_DEVICES=1
   step_Bstop & local stop=$!
   step_Bbase
-  step_Bretain
+  step_Bretain & local retain=$!
   step_Bmasters
   step_Bcpt
   step_Bdump
   step_Beval
-  wait $stop
+  wait $stop $retain
   step_Bfid
   log "lane B done"
 }
