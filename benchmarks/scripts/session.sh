@@ -243,7 +243,7 @@ step_poll() {  # SECONDS: wait for DONE (at most that long), then pack what ther
   [ -n "${OUT:-}" ] || return 0
   (cd "$W" && tar czf "$OUT/res.tgz" --exclude='*.pt' res \
      $(ls -d exp/*/bench.json exp/*/table.md exp/*/*.png exp/*/*/bench-console.log exp/*/recipe.yaml \
-        exp/*/logs exp/*/eval 2>/dev/null))
+        exp/*/eval exp/*/logs/retention.log 2>/dev/null))
   ls -la "$OUT"
 }
 
