@@ -30,7 +30,9 @@ class Command(TyperCommand):
             if param.param_type_name == "argument" and param.metavar:
                 param.display_type_rich = lambda ctx=None: None  # type: ignore[method-assign]
             elif param.param_type_name == "option" and param.metavar is None and not getattr(param, "is_flag", False):
-                param.metavar = default_metavar(param.type_descriptor.annotation)
+                descriptor = getattr(param, "type_descriptor", None)  # typer >= 0.29; older ones keep click's type
+                param.metavar = (default_metavar(descriptor.annotation) if descriptor is not None
+                                 else _CLICK_METAVARS.get(getattr(param.type, "name", ""), "TEXT"))
 
 
 class PassThroughCommand(Command):
@@ -56,6 +58,7 @@ class PassThroughCommand(Command):
 
 # What a value looks like in --help when the field does not say: by its type, as torchrun and argparse show them.
 _METAVARS = {int: "N", float: "X", str: "TEXT", bool: None}
+_CLICK_METAVARS = {"integer": "N", "float": "X", "text": "TEXT", "path": "PATH"}
 
 
 def default_metavar(annotation: Any) -> str | None:
