@@ -214,8 +214,7 @@ def test_what_a_worker_leaves_in_its_process_group_is_ended_after_it_exits(tmp_p
 def test_a_stop_request_file_stops_like_sigterm_and_an_older_one_is_ignored(tmp_path: Path) -> None:
     exp = tmp_path / "exp" / EXP
     exp.mkdir(parents=True)
-    stale = write_stop_request(exp, "an earlier run")  # left over from an earlier run: ignored
-    stale.write_text(json.dumps({"time": time.time() - 120, "origin": "an earlier run"}))
+    write_stop_request(exp, "an earlier run")  # written before this launch: not for it, however recent
     run = Run(tmp_path, "request", nproc=1)
     try:
         run.wait_for("save-end", 20)
@@ -232,3 +231,11 @@ def test_a_stop_request_file_stops_like_sigterm_and_an_older_one_is_ignored(tmp_
     run.assert_complete(stop, 1)
     assert "stop requested" in run.text() and "by infir2 stop on" in run.text()
     assert "an earlier run" not in run.text()
+    # the same command right after: it resumes and is not stopped by the request that stopped its predecessor
+    again = Run(tmp_path, "request-again", nproc=1, SAVER_ITERS=str(stop + 3))
+    try:
+        assert again.wait() == 0, again.text()
+    finally:
+        again.kill()
+    assert again.wait_for("start")["iteration"] == stop and again.wait_for("done")["iteration"] == stop + 3
+    assert "stop requested" not in again.text()

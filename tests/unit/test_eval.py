@@ -361,3 +361,16 @@ def test_prune_from_the_command_line(runs: Any, cli) -> None:
     none = cli("checkpoints", "base", "--prune", "--recipe", "tiny", "--set", "checkpoint.keep_last=null",
                "--set", "checkpoint.keep_every=null")
     assert none.exit_code == 2 and "no retention policy" in none.stderr
+
+
+def test_without_a_gpu_the_evaluation_is_refused_with_the_gpu_preflight(runs, monkeypatch):
+    """The one GPU preflight, as `infir2 train` has it (the CPU test host has no CUDA GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    monkeypatch.delenv("INFIR2_GPU_CHECK")
+    with pytest.raises(LaunchError) as info:
+        plan_eval(EvalRequest(exp="base"))
+    assert any("no CUDA GPU is visible on this host (the evaluation runs Megatron on GPUs)" in str(p)
+               for p in info.value.problems)

@@ -224,3 +224,11 @@ def test_every_fp8_and_memory_option_passes_megatron_validate_args(name, exp_roo
     assert args.cuda_graph_impl == "transformer_engine" and args.use_te_activation_func
     assert not args.bias_swiglu_fusion
     assert str(args.exp_avg_dtype).endswith("bfloat16") and str(args.exp_avg_sq_dtype).endswith("bfloat16")
+
+
+def test_async_save_uses_megatrons_own_writer(exp_root, megatron_parse):
+    """Megatron's default async strategy (nvrx) needs nvidia-resiliency-ext, which the wheel lacks: a run with
+    checkpoint.async_save stopped at start-up on an H200. infir2 asks for megatron-core's own writer."""
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["checkpoint.async_save=true"]))
+    args = megatron_parse(plan.megatron_args, _world(plan))
+    assert args.async_save and args.use_persistent_ckpt_worker and args.async_strategy == "mcore"

@@ -268,7 +268,7 @@ def plan_eval(req: EvalRequest, environ: dict[str, str] | None = None) -> EvalPl
         out.add_machine("EXP", f"no complete checkpoint to evaluate in {paths.checkpoints}"
                         + (" or its decays" if len(experiments) > 1 else ""), req.exp)
     if items and environ.get(GPU_CHECK_ENV) != "0" and not req.dry_run:
-        out.extend(check_gpu(recipe))
+        out.extend(check_gpu(recipe.launch.nproc_per_node, recipe.precision.fp8, "the evaluation runs Megatron on GPUs"))
     megatron_args = eval_megatron_args(recipe, paths, items[0] if items else None, valid, eval_iters)
     env, _ = resolve_env(recipe, environ)
     env.pop(RETENTION_ENV, None)  # the evaluation writes no checkpoint

@@ -191,7 +191,9 @@ def checkpoint_args(recipe: Recipe, paths: ExperimentPaths, plan: LoadPlan) -> l
         args += MASTERS_FROM_CHECKPOINT_FLAGS
     args += _flag(plan.expect_checkpoint, "--exit-on-missing-checkpoint")
     if c.async_save:
-        args += ["--async-save", "--use-persistent-ckpt-worker"]
+        # megatron-core's own background writer: its default (nvrx) needs nvidia-resiliency-ext, which the wheel
+        # does not bring, and the run would stop at start-up
+        args += ["--async-save", "--use-persistent-ckpt-worker", "--async-strategy", "mcore"]
     args += ["--exit-signal-handler"]
     if recipe.launch.exit_duration_minutes is not None:
         args += ["--exit-duration-in-mins", str(recipe.launch.exit_duration_minutes)]

@@ -42,7 +42,6 @@ GRACE_ENV = "INFIR2_STOP_GRACE_SECONDS"
 DEFAULT_GRACE_SECONDS = 900
 SAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_POLL_SECONDS = 2.0
-STALE_REQUEST_SECONDS = 30.0
 
 
 class _StopOutcome:
@@ -137,11 +136,13 @@ def _install_graceful_close(grace_seconds: int) -> None:
 
 
 def _watch_stop_requests(exp_dir: Path, since: float) -> None:
-    """Turn a stop request file written after this launcher started into a SIGTERM to this process."""
+    """Turn a stop request written after this launcher started into a SIGTERM to this process, once torch's agent
+    handles SIGTERM (before that, the signal's default action would end the launcher with nothing saved)."""
     path = stop_request_path(exp_dir)
     while True:
         request = read_stop_request(path)
-        if request is not None and request.time >= since:
+        if (request is not None and request.time >= since
+                and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)):
             _say(f"stop requested ({path}, by {request.origin}): stopping the workers as on SIGTERM")
             os.kill(os.getpid(), signal.SIGTERM)
             return
@@ -149,11 +150,11 @@ def _watch_stop_requests(exp_dir: Path, since: float) -> None:
 
 
 def start_stop_request_watcher() -> None:
-    """Requests written up to STALE_REQUEST_SECONDS before this launcher started count (one written while the
-    nodes were starting); older ones are left over from an earlier run and ignored."""
+    """A request is for the launches running when it was written: one written before this launcher started is
+    left over (a relaunch after a stop must not stop again) and ignored."""
     exp_dir = os.environ.get(EXP_DIR_ENV)
     if exp_dir:
-        threading.Thread(target=_watch_stop_requests, args=(Path(exp_dir), time.time() - STALE_REQUEST_SECONDS),
+        threading.Thread(target=_watch_stop_requests, args=(Path(exp_dir), time.time()),
                          name="infir2-stop-request", daemon=True).start()
 
 
