@@ -62,6 +62,19 @@ def test_attention_wrapper_enters_its_context_only_under_fp8_and_always_leaves_i
     assert wrapped.__name__ == "forward" and wrapped.__infir2_fp8_attention__
 
 
+def test_attention_wrapper_reports_once_after_the_first_fp8_call() -> None:
+    reports: list[str] = []
+    recorder = _Recorder()
+    fp8 = {"on": False}
+    wrapped = wrap_in_context(lambda self: "out", lambda: fp8["on"], recorder.context,
+                              lambda: reports.append("backend"))
+    wrapped("m")
+    assert reports == []  # not under FP8: nothing to report yet
+    fp8["on"] = True
+    assert wrapped("m") == "out" and wrapped("m") == "out"
+    assert reports == ["backend"]
+
+
 @pytest.fixture(scope="module")
 def megatron_arguments():
     return pytest.importorskip("megatron.training.arguments")

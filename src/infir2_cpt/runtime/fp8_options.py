@@ -99,16 +99,21 @@ def install_fp8_output_layer() -> None:
 
 
 def wrap_in_context(forward: Callable[..., Any], fp8_enabled: Callable[[], bool],
-                    make_context: Callable[[], Any]) -> Callable[..., Any]:
+                    make_context: Callable[[], Any],
+                    after_first: Callable[[], None] | None = None) -> Callable[..., Any]:
     """forward, run inside make_context() whenever FP8 is on at call time (BF16 layers and FP8-free
-    evaluation stay as they are)."""
+    evaluation stay as they are). after_first runs once, after the first call under FP8."""
+    pending = [after_first] if after_first is not None else []
 
     @functools.wraps(forward)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not fp8_enabled():
             return forward(self, *args, **kwargs)
         with make_context():
-            return forward(self, *args, **kwargs)
+            out = forward(self, *args, **kwargs)
+        while pending:
+            pending.pop()()
+        return out
 
     wrapped.__infir2_fp8_attention__ = True  # type: ignore[attr-defined]
     return wrapped
@@ -138,7 +143,24 @@ def install_fp8_attention(amax_reduction_group: Callable[[], Any] | None = None)
         return te.autocast(enabled=True, recipe=made["recipe"], amax_reduction_group=made["group"])
 
     TEDotProductAttention.forward = wrap_in_context(TEDotProductAttention.forward,
-                                                    FP8GlobalStateManager.is_fp8_enabled, context)
+                                                    FP8GlobalStateManager.is_fp8_enabled, context,
+                                                    report_attention_backend)
+
+
+def report_attention_backend() -> None:
+    """Say which fused-attention backend Transformer Engine chose for the first FP8 call (FP8 or F16), so a run
+    shows that attention really ran in FP8 (an unsupported shape falls back silently)."""
+    try:
+        import torch.distributed as dist
+        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as dpa
+        from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend
+
+        backend = dpa._attention_backends.get("fused_attention_backend")
+        chosen = FusedAttnBackend(int(backend)).name if backend is not None else "none (not fused attention)"
+    except Exception as exc:  # a TE without these internals: say so, do not stop the run
+        chosen = f"unknown ({type(exc).__name__}: {exc})"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"infir2.entry: FP8 attention: Transformer Engine's fused-attention backend is {chosen}", flush=True)
 
 
 def tensor_parallel_amax_group() -> Any:
