@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
-from infir2_cpt.runtime.fp8_options import OPTIONS_ENV, RuntimeOptions, set_config_fields, wrap_in_context
+import torch
+
+from infir2_cpt.runtime.fp8_options import (OPTIONS_ENV, RuntimeOptions, install_transpose_on_demand,
+                                            set_config_fields, transpose_on_demand, wrap_in_context)
 
 
 def test_options_parse_and_round_trip() -> None:
@@ -131,3 +134,83 @@ def test_fp8_output_layer_makes_megatron_choose_the_te_head_for_blockwise(exp_ro
     install_fp8_output_layer()
     for predicate in (gpt_model.is_mxfp8_output_proj_active, fp8_utils.is_mxfp8_output_proj_active):
         assert predicate(fp8_config) and not predicate(bf16_config)
+
+
+# --------------------------------------------------------------------------- FP8 weights, transposed on demand
+
+
+class _Quantizer:
+    def __init__(self) -> None:
+        self.rowwise_usage, self.columnwise_usage = True, True
+
+    def set_usage(self, *, rowwise: bool | None = None, columnwise: bool | None = None) -> None:
+        self.rowwise_usage = self.rowwise_usage if rowwise is None else rowwise
+        self.columnwise_usage = self.columnwise_usage if columnwise is None else columnwise
+
+
+def _blockwise_weight(rows: int = 4, cols: int = 3) -> torch.nn.Parameter:
+    """A parameter with what infir2 uses of Transformer Engine's Float8BlockwiseQTensor: 2-D scaling, the two
+    copies and update_usage with its rule (a copy is freed when its usage is False, rebuilt when True)."""
+    param = torch.nn.Parameter(torch.randn(rows, cols))
+    param._is_2D_scaled = True
+    param._quantizer = _Quantizer()
+    param._rowwise_data = param.data
+    param._columnwise_data = param.data.t().contiguous()
+
+    def update_usage(rowwise_usage: bool | None = None, columnwise_usage: bool | None = None) -> None:
+        assert rowwise_usage in (None, True)
+        if columnwise_usage is False:
+            param._columnwise_data = None
+        elif columnwise_usage and param._columnwise_data is None:
+            param._columnwise_data = param.data.t().contiguous()
+
+    param.update_usage = update_usage
+    return param
+
+
+def test_a_weights_transpose_lives_only_through_its_backward() -> None:
+    weight, plain = _blockwise_weight(), torch.nn.Parameter(torch.randn(3))
+    model = torch.nn.Module()
+    model.weight, model.bias = weight, plain
+    seen_in_backward = []
+
+    class _Gemm(torch.autograd.Function):  # backward asks for the transpose, as TE's dgrad does
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x)
+            ctx.w = w
+            return x @ w
+
+        @staticmethod
+        def backward(ctx, grad):
+            w = ctx.w
+            w.update_usage(columnwise_usage=True)
+            seen_in_backward.append(w._columnwise_data is not None)
+            (x,) = ctx.saved_tensors
+            return grad @ w._columnwise_data, x.t() @ grad
+
+    assert transpose_on_demand([model]) == 1  # the blockwise weight, not the plain bias
+    assert weight._columnwise_data is None and not weight._quantizer.columnwise_usage
+    assert plain.grad is None
+    inputs = [torch.randn(2, 4, requires_grad=True) for _ in range(2)]
+    for x in inputs:  # two micro-batches: rebuilt in each backward, freed after each
+        (_Gemm.apply(x, weight) + plain).sum().backward()
+        assert seen_in_backward[-1] and weight._columnwise_data is None
+    assert seen_in_backward == [True, True]
+    # the gradients are untouched by the hook: both micro-batches accumulated
+    assert torch.allclose(weight.grad, sum(x.t() @ torch.ones(2, 3) for x in inputs))
+    assert torch.allclose(inputs[0].grad, torch.ones(2, 3) @ weight.detach().t())
+
+
+def test_after_the_all_gather_blockwise_weights_drop_their_transpose_and_others_go_to_megatron(monkeypatch) -> None:
+    buffers = pytest.importorskip("megatron.core.distributed.param_and_grad_buffer")
+    handed_on: list[list[Any]] = []
+    monkeypatch.setattr(buffers, "post_all_gather_processing", lambda params: handed_on.append(params))
+    install_transpose_on_demand()
+    install_transpose_on_demand()  # once only: the second call must not wrap the wrapper
+    weight, other = _blockwise_weight(), torch.nn.Parameter(torch.randn(2))
+    buffers.post_all_gather_processing([weight, other])
+    assert weight._columnwise_data is None
+    assert handed_on == [[other]]
+    buffers.post_all_gather_processing(_blockwise_weight())  # a single tensor, as Megatron may pass
+    assert handed_on == [[other]]

@@ -441,8 +441,9 @@ def test_a_hostname_or_routable_address_is_not_loopback(exp_root):
 def test_fp8_only_options_need_fp8(exp_root):
     problems = config_problems("tiny", "precision.fp8=null", "precision.fp8_output_layer=true",
                                "precision.fp8_attention=true", "precision.fp8_activation_store=true",
-                               "precision.fp8_proj_bf16_input=true")
-    for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_proj_bf16_input"):
+                               "precision.fp8_proj_bf16_input=true", "precision.fp8_transpose_on_demand=true")
+    for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_proj_bf16_input",
+                "fp8_transpose_on_demand"):
         assert "needs FP8 (precision.fp8 is null)" in one(problems, f"precision.{key}:")
 
 
@@ -465,6 +466,19 @@ def test_bad_values_of_the_new_keys_name_what_is_valid(exp_root):
     assert "must be micro_batch or step" in one(problems, "logging.nan_check")
     assert "must be null, transformer_engine or local" in one(problems, "parallel.cuda_graph:")
     assert "must be attn or mlp" in one(problems, "parallel.cuda_graph_modules")
+
+
+def test_transposes_on_demand_need_blockwise_fp8_weights_and_no_cuda_graphs(exp_root):
+    for sets in (["precision.fp8=tensorwise"], ["precision.fp8_param_gather=false"]):
+        problem = one(config_problems("tiny", "precision.fp8_transpose_on_demand=true", *sets),
+                      "precision.fp8_transpose_on_demand")
+        assert "needs precision.fp8: blockwise with precision.fp8_param_gather: true" in problem
+    problem = one(config_problems("tiny", "precision.fp8_transpose_on_demand=true",
+                                  "parallel.cuda_graph=transformer_engine"), "precision.fp8_transpose_on_demand")
+    assert "cannot be used with parallel.cuda_graph" in problem
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_transpose_on_demand=true"]),
+                    no_gpu_probe())
+    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_transpose_on_demand"
 
 
 def test_bf16_adam_moments_need_the_precision_aware_optimizer(exp_root):

@@ -126,6 +126,11 @@ class PrecisionConfig:
     fp8_proj_bf16_input: bool = doc(
         "The attention output projection keeps its BF16 input for backward (attention keeps it anyway) instead "
         "of an extra FP8 copy: saves memory.", default=False)
+    fp8_transpose_on_demand: bool = doc(
+        "Keep only the row-wise FP8 copy of each weight between steps: backward rebuilds the transposed copy it "
+        "needs (an exact FP8 transpose) and frees it once the weight's gradient is done. 1 byte per FP8 weight "
+        "less, for one transpose per weight and micro-batch. Blockwise recipe with fp8_param_gather; not with "
+        "CUDA graphs.", default=False)
     adam_moments: str = doc(
         "Dtype of Adam's two moments: fp32, or bf16 (as DeepSeek-V3 trains; 4 bytes per parameter less, needs "
         "precision_aware_optimizer). Applies in both precisions.", default="fp32")

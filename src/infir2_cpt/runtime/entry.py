@@ -210,6 +210,8 @@ def _install_after_setup(options: RuntimeOptions) -> None:
         model, optimizer, scheduler = original(*args, **kwargs)
         if options.fp8_proj_original_input:
             _say(f"attention output projections keep their BF16 input: {fp8_options.keep_original_proj_input(model)}")
+        if options.fp8_transpose_on_demand:
+            _say(f"FP8 weights keep no transposed copy outside their backward: {fp8_options.transpose_on_demand(model)}")
         for note in fp8_options.describe_model(model, options):
             _say(note)
         from megatron.training import get_args
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | No
     if options.fp8_attention:
         fp8_options.install_fp8_attention(fp8_options.tensor_parallel_amax_group)
         _say("core attention in FP8 (delayed scaling, cuDNN fused attention) inside the blockwise layers")
+    if options.fp8_transpose_on_demand:
+        fp8_options.install_transpose_on_demand()
     if options.nan_check_per_step:
         _say("NaN/Inf: checked once per step on the gradients, not per micro-batch on the loss")
     _install_after_setup(options)

@@ -14,6 +14,11 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
   --no-bias-swiglu-fusion) it is quantized with a per-tensor current scale, so large values stay finite.
 - fp8_proj_original_input: the attention output projection keeps its BF16 input for backward (attention
   keeps that tensor anyway) instead of an extra FP8 copy.
+- fp8_transpose_on_demand: FP8 weights without a persistent transposed copy. Hopper's FP8 GEMMs read both
+  operands row-major, so backward needs each weight transposed; Megatron keeps that copy (1 byte per FP8
+  weight) alive all the time. With the option it exists only during the layer's backward: Transformer
+  Engine rebuilds it from the row-wise data when backward asks (an exact FP8 transpose of 128x128 blocks)
+  and infir2 frees it once the weight's gradient is accumulated. Blockwise weights with fp8_param_gather.
 - fused_qkv_rope: RoPE applied to the fused QKV output in one kernel (both precisions).
 - nan_check_per_step: the loss's NaN/Inf check once per step instead of a device sync per micro-batch.
 
@@ -37,6 +42,7 @@ class RuntimeOptions:
     fp8_attention: bool = False
     fp8_activation_store: bool = False
     fp8_proj_original_input: bool = False
+    fp8_transpose_on_demand: bool = False
     fused_qkv_rope: bool = False
     nan_check_per_step: bool = False
 
@@ -185,6 +191,70 @@ def keep_original_proj_input(model: list[Any]) -> int:
                 module.save_original_input = True
                 count += 1
     return count
+
+
+def is_2d_blockwise_weight(param: Any) -> bool:
+    """A Transformer Engine Float8BlockwiseQTensor with 128x128 blocks (whose transpose is exact); duck-typed so
+    that it holds for any TE build and costs no import."""
+    return getattr(param, "_is_2D_scaled", False) is True and hasattr(param, "update_usage") \
+        and hasattr(param, "_columnwise_data")
+
+
+def drop_transpose(param: Any) -> bool:
+    """Free a blockwise weight's transposed copy; True if there was one."""
+    if param._columnwise_data is None:
+        return False
+    param.update_usage(rowwise_usage=True, columnwise_usage=False)
+    return True
+
+
+def install_transpose_on_demand() -> None:
+    """After the optimizer's all-gather of the FP8 parameters, Megatron asks Transformer Engine to rebuild every
+    transposed copy; for 2-D blockwise weights free it instead (backward rebuilds it when needed). Replaces the
+    name param_and_grad_buffer imported; other tensors go to the original."""
+    import megatron.core.distributed.param_and_grad_buffer as buffers
+
+    original = buffers.post_all_gather_processing
+    if getattr(original, "__infir2_transpose_on_demand__", False):
+        return
+
+    def post_all_gather_processing(model_params: Any) -> None:
+        params = model_params if isinstance(model_params, list) else [model_params]
+        others = [p for p in params if not is_2d_blockwise_weight(p)]
+        for p in params:
+            if is_2d_blockwise_weight(p):
+                drop_transpose(p)
+        if others:
+            original(others)
+
+    post_all_gather_processing.__infir2_transpose_on_demand__ = True  # type: ignore[attr-defined]
+    buffers.post_all_gather_processing = post_all_gather_processing
+
+
+def transpose_on_demand(model: list[Any]) -> int:
+    """Make every 2-D blockwise FP8 weight of the model keep no transposed copy between its backward passes:
+    its quantizer stops asking for one in forward (so re-quantization and forward leave it out), the copy
+    there is now is freed, and a hook on the weight's gradient accumulator frees the one backward rebuilt,
+    once that weight's gradients are done. Returns the number of weights."""
+    count = 0
+    for chunk in model:
+        keep_alive = []
+        for param in chunk.parameters():
+            if not is_2d_blockwise_weight(param):
+                continue
+            param._quantizer.set_usage(rowwise=True, columnwise=False)
+            drop_transpose(param)
+            # the accumulator node of the weight runs after its backward (dgrad and wgrad) finished
+            accumulator = param.expand_as(param).grad_fn.next_functions[0][0]
+            accumulator.register_hook(functools.partial(_drop_after_backward, param))
+            keep_alive.append(accumulator)  # a node nobody references would take its hook with it
+            count += 1
+        chunk._infir2_transpose_hooks = keep_alive
+    return count
+
+
+def _drop_after_backward(param: Any, *unused: Any) -> None:
+    drop_transpose(param)
 
 
 def describe_model(model: list[Any], options: RuntimeOptions) -> list[str]:
