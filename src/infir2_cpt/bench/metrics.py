@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..reports.runlog import RunLog
 
-FIDELITY_TARGET = 0.01  # |FP8 final loss / BF16 final loss - 1| <= 1 %
+FIDELITY_TARGET = 0.005  # |FP8 final loss / BF16 final loss - 1| <= 0.5 %
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class BenchRequest:
         "--gpu-name", help="GPU name for the peak table (default: torch.cuda.get_device_name).", default=None)
     fidelity: bool = option(
         "--fidelity", help="Train on --data with a fixed seed in each variant and report the final-loss gap to the "
-        "baseline (target: within 1 %).", default=False)
+        "baseline (target: within 0.5 %).", default=False)
     data: Optional[str] = option("--data", help="--fidelity: indexed-dataset PREFIX (.bin/.idx).", default=None)
     tokenizer: Optional[str] = option(
         "--tokenizer", help="--fidelity: the tokenizer directory the data was prepared with.", default=None)

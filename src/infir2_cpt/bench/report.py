@@ -31,7 +31,7 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
     """A Markdown table (paste-able into a results page)."""
     if fidelity:
         head = ["variant", "status", "first loss", "final loss (last)", "final loss (mean)",
-                f"gap vs {baseline}", "within 1 %", "step ms"]
+                f"gap vs {baseline}", "within 0.5 %", "step ms"]
         rows = [[r.name, r.status, _fmt(r.metrics.first_loss, ".4f"), _fmt(r.metrics.final_loss, ".4f"),
                  _fmt(r.metrics.final_loss_window, ".4f"),
                  _fmt(r.fidelity.relative_gap * 100 if r.fidelity and r.fidelity.relative_gap is not None else None,
