@@ -5,9 +5,9 @@
 #                                             # with the Qwen tokenizer (needs w/ staged: megatron-core)
 #   bash benchmarks/scripts/session.sh start         # (after the last staging call) install, then both lanes, in the background
 #   bash benchmarks/scripts/session.sh poll 540      # wait up to 540 s (or until done), then pack results into $OUT
-# Lanes: GPU 0 times benches (7B shape, DP 2 memory, 1.5B); GPU 1 runs the stop proof, the base model, the
-# master-weight proof, the CPT comparison, the held-out evaluations, the checkpoint-retention proof and the
-# fidelity runs. Each step logs one line to $W/res/steps.txt; results go to $W/res.
+# Lanes: GPU 0 times benches (7B shape, DP 2 memory on both GPUs, 1.5B); GPU 1 runs several tiny-model jobs at
+# once: the stop proof, the fidelity runs, the base model, its decays and `infir2 eval`, the master-weight proof,
+# the CPT comparison and the held-out evaluations. Each step logs one line to $W/res/steps.txt; results go to $W/res.
 # DRY=1 runs every infir2 command of the plan with --dry-run on the CPU (what the tests do).
 set -uo pipefail
 W=${W:-/tmp/w}
@@ -25,12 +25,13 @@ C=benchmarks/bench_candidates.yaml
 TEXT=(--set data.mock=false --set "data.blend=[{path: $DATA/train_text_document, weight: 1.0}]"
       --set data.split=98,2,0 --set tokenizer.type=HuggingFaceTokenizer --set "tokenizer.model=$TOK"
       --set model.vocab_size=151669 --set logging.eval_interval=100 --set logging.eval_iters=8)
-BASE_SCHEDULE=(--set schedule.train_iters=1200 --set schedule.warmup_iters=100 --set schedule.decay_iters=200
+BASE_SCHEDULE=(--set schedule.train_iters=1000 --set schedule.warmup_iters=100 --set schedule.decay_iters=200
                --set checkpoint.save_interval=200)
 CPT_SCHEDULE=(--set schedule.train_iters=500 --set schedule.warmup_iters=50 --set schedule.decay_iters=100
-              --set schedule.lr=5e-4 --set schedule.min_lr=5e-5 --set checkpoint.save_interval=100)
+              --set schedule.lr=5e-4 --set schedule.min_lr=5e-5 --set checkpoint.save_interval=100
+              --set checkpoint.keep_last=1 --set checkpoint.keep_every=200)  # the disk holds ~30 of them
 PRETRAINED=(--set "checkpoint.pretrained=$INFIR2_EXP_ROOT/base/checkpoints")
-# The base run's retention (the last 2 and every 400th: 200 and 600 go, 400/800/1000/1200 stay) and held-out set
+# The base run's retention (the last 2 and every 400th: 200 and 600 go, 400/800/1000 stay) and held-out set
 KEEP=(--set checkpoint.keep_last=2 --set checkpoint.keep_every=400)
 HELDOUT=(--set "data.valid_blend=[{path: $DATA/heldout_text_document, weight: 1.0}]")
 BASE=(--set precision.fp8=null "${TEXT[@]}" "${BASE_SCHEDULE[@]}" "${HELDOUT[@]}")
@@ -76,21 +77,21 @@ Q=(--steps 8 --warmup-steps 3)
 Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 warm-up iterations
 
 # ---- lane A (GPU 0; DP 2 uses both): speed and memory
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,bf16-seedflags,bf16-qkvrope,fp8-blockwise,fp8-lmhead,fp8-attn,fp8-mem,fp8-all; }
-step_ADP2() { CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 \
-  --variants bf16,fp8-blockwise,fp8-all; }  # memory only: GPU 1 is busy with lane B meanwhile
-step_A15() { bench b15 --recipe 1.5b --seq 8192 "${Q15[@]}" \
-  --variants bf16,bf16-seedflags,fp8-blockwise,bf16-graph,fp8-graph,fp8-all-tied; }
-step_Afid() {  # BF16 Adam moments, offered in both precisions: their fidelity against BF16 with FP32 moments
-  bench fid-moments --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
-    --variants bf16,bf16-moments,fp8-moments
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --set launch.rdzv_endpoint=localhost:29401 \
+  --variants bf16,fp8-blockwise,fp8-tod,fp8-all-tod,fp8-lean,bf16-moments,fp8-lean-moments; }
+step_ADP2() {  # data parallel 2 (TP 1): memory; GPU 1 is busy with lane B meanwhile, so the times are not clean
+  CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
+    --set launch.rdzv_endpoint=localhost:29402 --variants bf16,fp8-blockwise,fp8-lean
 }
+step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" --set launch.rdzv_endpoint=localhost:29403 \
+  --variants bf16,bf16-graph,fp8-graph,fp8-all-tied-mem,fp8-lean; }
 
 # ---- lane B (GPU 1)
 step_Bstop() {
   log "stop proof"
   if [ -n "${DRY:-}" ]; then infir2 train --recipe tiny --exp stop-dry --dry-run >/dev/null; log "stop proof: dry $?"; return; fi
-  python3 benchmarks/scripts/stop_proof.py --out "$RES/stop" >"$RES/console/stop.txt" 2>&1
+  python3 benchmarks/scripts/stop_proof.py --out "$RES/stop" --cases "${STOP_CASES:-async-after,async-during,request}" \
+    >"$RES/console/stop.txt" 2>&1
   log "stop proof: exit $?"
 }
 train() {  # NAME ARGS...: infir2 train, console to $RES/console/NAME.txt
@@ -180,29 +181,31 @@ step_Beval() {
   python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/curves.json" "$e/cpt-fp8" "$e/cpt-fp8-today" \
     "$e/cpt-bf16" "$e/base" 2>>"$RES/console/heldout.txt"
 }
-step_Bfid() {
-  bench fid --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
-    --variants bf16,fp8-blockwise,fp8-all
+fidelity() {  # NAME PORT VARIANTS: 500 steps of the tiny model on the text, each variant against bf16
+  bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
+    --set "launch.rdzv_endpoint=localhost:$2" --variants "$3"
 }
+step_Bfid() { fidelity fid 29551 bf16,fp8-blockwise,fp8-lean,fp8-all; }
+step_Bfid2() { fidelity fid-moments 29552 bf16,bf16-moments,fp8-lean-moments; }
 
 lane_A() {
   CUDA_VISIBLE_DEVICES=0 step_A7
   step_ADP2
   CUDA_VISIBLE_DEVICES=0 step_A15
-  CUDA_VISIBLE_DEVICES=0 step_Afid
   log "lane A done"
 }
 lane_B() {  # tiny runs: several share GPU 1 at once
   export CUDA_VISIBLE_DEVICES=1
   step_Bstop & local stop=$!
+  step_Bfid & local fid=$!
+  step_Bfid2 & local fid2=$!
   step_Bbase
   step_Bretain & local retain=$!
   step_Bmasters
   step_Bcpt
   step_Bdump
   step_Beval
-  wait $stop $retain
-  step_Bfid
+  wait $stop $retain $fid $fid2
   log "lane B done"
 }
 
@@ -240,6 +243,7 @@ step_poll() {  # SECONDS: wait for DONE (at most that long), then pack what ther
   local until=$(( $(date +%s) + ${1:-0} ))
   while [ ! -f "$RES/DONE" ] && [ "$(date +%s)" -lt "$until" ]; do sleep 5; done
   tail -n 40 "$RES/steps.txt"
+  df -h "$W" | tail -n 1
   [ -n "${OUT:-}" ] || return 0
   (cd "$W" && tar czf "$OUT/res.tgz" --exclude='*.pt' res \
      $(ls -d exp/*/bench.json exp/*/table.md exp/*/*.png exp/*/*/bench-console.log exp/*/recipe.yaml \
