@@ -94,10 +94,10 @@ step_Bstop() {
     >"$RES/console/stop.txt" 2>&1
   log "stop proof: exit $?"
 }
-train() {  # NAME ARGS...: infir2 train, console to $RES/console/NAME.txt
+train() {  # NAME ARGS...: infir2 train, console to $RES/console/NAME.txt ($CONSOLE instead, if set)
   local name=$1; shift
   log "train $name"
-  infir2 train --recipe tiny --exp "$name" "${DRYF[@]}" "$@" >"$RES/console/$name.txt" 2>&1
+  infir2 train --recipe tiny --exp "$name" "${DRYF[@]}" "$@" >"$RES/console/${CONSOLE:-$name}.txt" 2>&1
   log "train $name: exit $?"
 }
 step_Bbase() {  # the base model worth continuing: BF16 on the text, with the retention policy and the held-out set
@@ -153,7 +153,7 @@ step_Bcpt() {  # 500 CPT iterations from the base model: FP8 (fixed masters, and
 }
 dump_at() {  # EXP ITERATION PORT [ARGS]: load that checkpoint of the run, dump its masters, exit
   local exp=$1 it=$2 port=$3; shift 3
-  INFIR2_MASTERS_DUMP=$W/masters/$exp-$it.pt INFIR2_EXIT_AFTER_LOAD=1 \
+  INFIR2_MASTERS_DUMP=$W/masters/$exp-$it.pt INFIR2_EXIT_AFTER_LOAD=1 CONSOLE=dump-$exp-$it \
     train "$exp" "${TEXT[@]}" "${CPT_SCHEDULE[@]}" "${PRETRAINED[@]}" --rdzv-endpoint "localhost:$port" "$@" \
     -- --ckpt-step "$it"
 }
@@ -247,14 +247,13 @@ step_poll() {  # SECONDS: wait for DONE (at most that long), then pack what ther
   [ -n "${OUT:-}" ] || return 0
   (cd "$W" && tar czf "$OUT/res.tgz" --exclude='*.pt' res \
      $(ls -d exp/*/bench.json exp/*/table.md exp/*/*.png exp/*/*/bench-console.log exp/*/recipe.yaml \
-        exp/*/eval exp/*/logs/retention.log 2>/dev/null))
+        exp/*/eval exp/*/logs exp/*/tensorboard 2>/dev/null))
   ls -la "$OUT"
 }
 
-for item in "$@"; do
-  case $item in
-    [0-9]*) ;;  # poll's argument
-    poll) step_poll "${2:-0}" ;;
-    *) "step_$item" ;;
+while [ $# -gt 0 ]; do
+  case $1 in
+    poll) step_poll "${2:-0}"; shift $(( $# > 1 ? 2 : 1 )) ;;
+    *) "step_$1"; shift ;;
   esac
 done

@@ -234,26 +234,25 @@ def install_transpose_on_demand() -> None:
 def transpose_on_demand(model: list[Any]) -> int:
     """Make every 2-D blockwise FP8 weight of the model keep no transposed copy between its backward passes:
     its quantizer stops asking for one in forward (so re-quantization and forward leave it out), the copy
-    there is now is freed, and a hook on the weight's gradient accumulator frees the one backward rebuilt,
-    once that weight's gradients are done. Returns the number of weights."""
+    there is now is freed, and a hook that runs once the weight's gradient is accumulated frees the one backward
+    rebuilt. Returns the number of weights."""
     count = 0
     for chunk in model:
-        keep_alive = []
+        handles = []
         for param in chunk.parameters():
             if not is_2d_blockwise_weight(param):
                 continue
             param._quantizer.set_usage(rowwise=True, columnwise=False)
             drop_transpose(param)
-            # the accumulator node of the weight runs after its backward (dgrad and wgrad) finished
-            accumulator = param.expand_as(param).grad_fn.next_functions[0][0]
-            accumulator.register_hook(functools.partial(_drop_after_backward, param))
-            keep_alive.append(accumulator)  # a node nobody references would take its hook with it
+            # runs once the weight's gradient is accumulated, i.e. after its backward (dgrad and wgrad) finished;
+            # a hook on the tensor itself: an FP8 parameter's expand_as has no plain accumulator node to hook
+            handles.append(param.register_post_accumulate_grad_hook(_drop_after_backward))
             count += 1
-        chunk._infir2_transpose_hooks = keep_alive
+        chunk._infir2_transpose_hooks = handles
     return count
 
 
-def _drop_after_backward(param: Any, *unused: Any) -> None:
+def _drop_after_backward(param: Any) -> None:
     drop_transpose(param)
 
 
