@@ -20,10 +20,11 @@ import pytest
 from infir2_cpt.bench import plan as bench_plan
 from infir2_cpt.bench import run
 from infir2_cpt.bench.metrics import (VariantMetrics, VariantResult, apply_baseline, fidelity_gap, gpu_peak,
-                                      noise_warning, padded_vocab_from_log, peak_for, ratios, step_spread,
-                                      variant_metrics)
+                                      noise_warning, padded_vocab_from_log, peak_for, ratios, seed_summaries,
+                                      step_spread, variant_metrics)
 from infir2_cpt.bench.plan import BenchPlan, BenchRequest, VariantPlan, child_command, describe_plan, plan_bench
-from infir2_cpt.bench.report import format_table, plot_breakdowns, plot_fidelity, plot_speed, write_json
+from infir2_cpt.bench.report import (format_seed_table, format_table, plot_breakdowns, plot_fidelity, plot_speed,
+                                     write_json)
 from infir2_cpt.bench.trace import classify_kernel, format_trace_breakdown, trace_breakdown
 from infir2_cpt.bench.variants import (BUILTIN_VARIANTS, Variant, load_variants_file, parse_variant_spec,
                                        select_variants)
@@ -229,6 +230,50 @@ def test_fidelity_uses_the_dataset_tokenizer_seed_and_recipe_schedule(exp_root, 
     short = _plan(exp_root, recipe="tiny", fidelity=True, data=str(prefix), tokenizer=str(tmp_path / "tok"), steps=50)
     argv = short.variants[0].launch.megatron_args
     assert (_value(argv, "--lr-warmup-iters"), _value(argv, "--lr-wsd-decay-iters")) == ("5", "10")
+
+
+def test_fidelity_over_seeds_runs_each_variant_once_per_seed_and_checks_the_seeds(exp_root, tmp_path):
+    prefix = tmp_path / "toy_text_document"
+    for suffix in (".bin", ".idx"):
+        Path(str(prefix) + suffix).write_bytes(b"")
+    data = {"fidelity": True, "data": str(prefix), "tokenizer": str(tmp_path)}
+    plan = _plan(exp_root, recipe="tiny", seeds=["3", "4", "5"], **data)
+    assert [vp.name for vp in plan.variants] == [f"{v}.seed{s}" for s in (3, 4, 5) for v in ("bf16", "fp8-blockwise")]
+    assert [_value(vp.launch.megatron_args, "--seed") for vp in plan.variants] == ["3", "3", "4", "4", "5", "5"]
+    assert not plan.warnings  # the baseline bf16 is among the runs, under its seeds' names
+    for seeds, extra, message in ((["3", "x"], {}, "must be non-negative integers"),
+                                  (["3"], {}, "needs two or more different seeds"),
+                                  (["3", "3"], {}, "needs two or more different seeds"),
+                                  (["3", "4"], {"seed": 7}, "give either --seed or --seeds")):
+        with pytest.raises(BenchError, match=message):
+            _plan(exp_root, recipe="tiny", seeds=seeds, **data, **extra)
+    with pytest.raises(BenchError, match="--seeds: only with --fidelity"):
+        _plan(exp_root, recipe="tiny", seeds=["3", "4"])
+
+
+def _fid_result(name: str, final: float | None, status: str = "ok") -> VariantResult:
+    return VariantResult(name=name, description="", sets=[], extra_args=[], command=[], fp8=None, status=status,
+                         exit_code=0, seconds=1.0, metrics=VariantMetrics(final_loss_window=final, final_loss=final))
+
+
+def test_over_seeds_each_run_meets_the_baseline_of_its_seed_and_variants_compare_by_their_means():
+    results = [_fid_result("bf16.seed1", 4.00), _fid_result("fp8.seed1", 4.04), _fid_result("bf16.seed2", 4.02),
+               _fid_result("fp8.seed2", 4.00), _fid_result("lossy.seed1", 4.20), _fid_result("lossy.seed2", None,
+                                                                                            "failed (exit 1)")]
+    apply_baseline(results, "bf16", fidelity=True)
+    by = {r.name: r for r in results}
+    assert by["fp8.seed1"].fidelity.relative_gap == pytest.approx(0.01)  # against bf16.seed1, not bf16.seed2
+    assert by["fp8.seed2"].fidelity.relative_gap == pytest.approx(4.00 / 4.02 - 1)
+    bf16, fp8, lossy = seed_summaries(results, "bf16")
+    assert (bf16.mean_final_loss, bf16.spread) == (pytest.approx(4.01), pytest.approx(0.02 / 4.01))
+    assert fp8.gap == pytest.approx(4.02 / 4.01 - 1) and fp8.within_target and not fp8.beyond_baseline_spread
+    assert (lossy.seeds_ok, lossy.seeds, lossy.spread) == (1, 2, None)
+    assert lossy.gap == pytest.approx(4.20 / 4.01 - 1) and not lossy.within_target and lossy.beyond_baseline_spread
+    table = format_seed_table([bf16, fp8, lossy], "bf16")
+    assert "| bf16 | 2/2 | 4.0100 | 0.50 % | +0.00 % | (baseline) | - |" in table
+    assert "| fp8 | 2/2 | 4.0200 | 1.00 % | +0.25 % | yes | no |" in table
+    assert "| lossy | 1/2 | 4.2000 | - | +4.74 % | NO | yes |" in table
+    assert seed_summaries([_fid_result("bf16", 4.0)], "bf16") == []  # runs without seeds: no summary
 
 
 def test_multi_gpu_bench_keeps_tensor_parallel_and_scales_the_batch(exp_root):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..reports.runlog import RunLog
+from .variants import SEED_MARK, seeded_from
 
 FIDELITY_TARGET = 0.005  # |FP8 final loss / BF16 final loss - 1| <= 0.5 %
 
@@ -212,9 +213,54 @@ class VariantResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def baseline_of(name: str, baseline: str) -> str:
+    """The run a result is compared with: the baseline, of the same seed when the runs are per seed."""
+    seed = seeded_from(name)[1]
+    return baseline if seed is None else f"{baseline}{SEED_MARK}{seed}"
+
+
 def apply_baseline(results: list[VariantResult], baseline: str, fidelity: bool) -> None:
     """Ratios (and, in fidelity mode, the loss gap) of every result against the baseline's, once it ran."""
-    base = next((r for r in results if r.name == baseline and r.status == "ok"), None)
+    ok = {r.name: r for r in results if r.status == "ok"}
     for r in results:
+        base = ok.get(baseline_of(r.name, baseline))
         r.ratios = ratios(r.metrics, base.metrics) if base is not None else None
         r.fidelity = fidelity_gap(r.metrics, base.metrics) if base is not None and fidelity else None
+
+
+@dataclass
+class SeedSummary:
+    """One variant over the seeds of --seeds."""
+
+    variant: str
+    seeds_ok: int
+    seeds: int
+    mean_final_loss: Optional[float]  # mean over the seeds of each run's final loss (window mean)
+    spread: Optional[float]  # (max - min) / mean of those final losses
+    gap: Optional[float]  # mean_final_loss / the baseline's - 1
+    within_target: bool
+    beyond_baseline_spread: Optional[bool]  # |gap| larger than the baseline's own spread across seeds
+
+
+def seed_summaries(results: list[VariantResult], baseline: str, target: float = FIDELITY_TARGET) -> list[SeedSummary]:
+    """Per variant, its runs over the seeds (results named NAME.seedSEED); empty when the runs are not per seed."""
+    groups: dict[str, list[VariantResult]] = {}
+    for r in results:
+        name, seed = seeded_from(r.name)
+        if seed is not None:
+            groups.setdefault(name, []).append(r)
+    losses = {name: [r.metrics.final_loss_window for r in runs
+                     if r.status == "ok" and r.metrics.final_loss_window is not None] for name, runs in groups.items()}
+    means = {name: statistics.fmean(v) if v else None for name, v in losses.items()}
+    spreads = {name: (max(v) - min(v)) / means[name] if len(v) > 1 and means[name] else None
+               for name, v in losses.items()}
+    out = []
+    for name, runs in groups.items():
+        gap = _ratio(means[name], means.get(baseline))
+        rel = gap - 1 if gap is not None else None
+        base_spread = spreads.get(baseline)
+        out.append(SeedSummary(variant=name, seeds_ok=len(losses[name]), seeds=len(runs), mean_final_loss=means[name],
+                               spread=spreads[name], gap=rel, within_target=rel is not None and abs(rel) <= target,
+                               beyond_baseline_spread=None if rel is None or base_spread is None
+                               else abs(rel) > base_spread))
+    return out

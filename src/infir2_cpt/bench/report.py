@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .memory import REPORT_PHASES
-from .metrics import FIDELITY_TARGET, GpuPeak, Ratios, VariantResult
+from .metrics import FIDELITY_TARGET, GpuPeak, Ratios, SeedSummary, VariantResult, baseline_of, seed_summaries
 from .trace import CATEGORY_ORDER
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
     """A Markdown table (paste-able into a results page)."""
     if fidelity:
         head = ["variant", "status", "first loss", "final loss (last)", "final loss (mean)",
-                f"gap vs {baseline}", "within 0.5 %", "step ms"]
+                f"gap vs {baseline}", f"within {FIDELITY_TARGET * 100:g} %", "step ms"]
         rows = [[r.name, r.status, _fmt(r.metrics.first_loss, ".4f"), _fmt(r.metrics.final_loss, ".4f"),
                  _fmt(r.metrics.final_loss_window, ".4f"),
                  _fmt(r.fidelity.relative_gap * 100 if r.fidelity and r.fidelity.relative_gap is not None else None,
@@ -158,16 +158,17 @@ def plot_fidelity(results: Sequence[VariantResult], baseline: str, path: Path, t
     plt = _pyplot()
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    base = next((r for r in results if r.name == baseline), None)
-    base_loss = {i["iteration"]: i["loss"] for i in base.iterations} if base else {}
+    by_name = {r.name: r for r in results}
     for r in results:
         pts = [(i["iteration"], i["loss"]) for i in r.iterations if i["loss"] is not None]
         if pts:
             top.plot(*zip(*pts), label=r.name, linewidth=1)
-        if base and r is not base:
+        base = by_name.get(baseline_of(r.name, baseline))  # with --seeds: the baseline run of the same seed
+        if base is not None and r is not base:
+            base_loss = {i["iteration"]: i["loss"] for i in base.iterations}
             rel = [(it, (loss / base_loss[it] - 1) * 100) for it, loss in pts if base_loss.get(it)]
             if rel:
-                bottom.plot(*zip(*rel), label=f"{r.name} vs {baseline}", linewidth=1)
+                bottom.plot(*zip(*rel), label=f"{r.name} vs {base.name}", linewidth=1)
     top.set_ylabel("lm loss")
     top.legend(fontsize=8)
     bottom.axhline(FIDELITY_TARGET * 100, color="red", linestyle=":", linewidth=1)
@@ -199,6 +200,24 @@ def plot_breakdowns(results: Sequence[VariantResult], path: Path, title: str) ->
     return _save_figure(plt, fig, path)
 
 
+def format_seed_table(summaries: Sequence[SeedSummary], baseline: str) -> str:
+    """Fidelity over --seeds: one row per variant, its mean over the seeds against the baseline's mean."""
+    head = ["variant", "seeds", "mean final loss", "spread across seeds", f"gap vs {baseline}",
+            f"within {FIDELITY_TARGET * 100:g} %", f"gap beyond {baseline}'s spread"]
+
+    def yes_no(value: Optional[bool]) -> str:
+        return "-" if value is None else "yes" if value else "no"
+
+    rows = [[s.variant, f"{s.seeds_ok}/{s.seeds}", _fmt(s.mean_final_loss, ".4f"),
+             _fmt(s.spread * 100 if s.spread is not None else None, ".2f", " %"),
+             _fmt(s.gap * 100 if s.gap is not None else None, "+.2f", " %"),
+             "(baseline)" if s.variant == baseline else ("yes" if s.within_target else "NO") if s.gap is not None else "-",
+             "-" if s.variant == baseline else yes_no(s.beyond_baseline_spread)] for s in summaries]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def results_json(plan: BenchPlan, results: Sequence[VariantResult], gpu_name: Optional[str],
                  peak: Optional[GpuPeak]) -> dict[str, Any]:
     req = plan.request
@@ -228,5 +247,7 @@ def results_json(plan: BenchPlan, results: Sequence[VariantResult], gpu_name: Op
         payload["fidelity"] = {"data": req.data, "tokenizer": req.tokenizer, "loss_window": req.loss_window,
                                "target": FIDELITY_TARGET,
                                "gaps": {r.name: asdict(r.fidelity) if r.fidelity else None
-                                        for r in results if r.name != req.baseline}}
+                                        for r in results if r.name != req.baseline},
+                               "seeds": [int(s) for s in req.seeds],
+                               "across_seeds": [asdict(s) for s in seed_summaries(list(results), req.baseline)]}
     return payload

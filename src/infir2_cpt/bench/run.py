@@ -21,10 +21,11 @@ from ..errors import BenchError, Problem
 from ..reports.runlog import parse_log
 from .memory import snapshot_breakdown
 from .metrics import (FIDELITY_TARGET, THROUGHPUT_KEY, GpuPeak, VariantResult, apply_baseline, gpu_peak,
-                      noise_warning, padded_vocab_from_log, peak_for, variant_metrics)
+                      noise_warning, padded_vocab_from_log, peak_for, seed_summaries, variant_metrics)
 from .plan import MEMORY_SNAPSHOT_FILE, TRACE_GLOB, BenchPlan, BenchRequest, VariantPlan, child_command
 from .report import (BREAKDOWN_PLOT_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, format_breakdowns,
-                     format_memory_breakdowns, format_table, plot_breakdowns, plot_fidelity, plot_speed,
+                     format_memory_breakdowns, format_seed_table, format_table, plot_breakdowns, plot_fidelity,
+                     plot_speed,
                      results_json, write_json)
 from .trace import trace_breakdown
 
@@ -223,6 +224,10 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
             break
     gpu_label = peak.label if peak else "unknown GPU"
     table = format_table(results, req.baseline, gpu_label, fidelity=plan.mode == "fidelity")
+    summaries = seed_summaries(results, req.baseline)
+    if summaries:
+        table += (f"\n\nAcross seeds {', '.join(req.seeds)} (final loss: mean of the last {req.loss_window} iterations "
+                  "of each run, then the mean over the seeds):\n\n" + format_seed_table(summaries, req.baseline))
     breakdown = "\n\n".join(part for part in (format_breakdowns(results), format_memory_breakdowns(results)) if part)
     written.append(plan.root / RESULTS_FILE)  # written after every variant, the last time with all of them
     header = (f"infir2 bench {plan.mode}: recipe {req.recipe}, GPU {gpu_name or 'unknown GPU'} "
@@ -260,7 +265,15 @@ def execute(plan: BenchPlan, echo: Callable[[str], None] = lambda s: print(s, fi
 def summary(report: BenchReport) -> str:
     """What `infir2 bench` prints at the end: the table, the fidelity verdict, the files written."""
     lines = [report.table, ""]
-    if report.plan.mode == "fidelity":
+    summaries = seed_summaries(report.results, report.plan.request.baseline)
+    for s in summaries:
+        if s.variant != report.plan.request.baseline and s.gap is not None:
+            verdict = "within" if s.within_target else "NOT within"
+            beyond = {True: "larger than", False: "within", None: "against an unknown"}[s.beyond_baseline_spread]
+            lines.append(f"{s.variant}: mean final loss over {s.seeds_ok} seed(s) {s.gap * 100:+.2f} % against "
+                         f"{report.plan.request.baseline}: {verdict} {FIDELITY_TARGET * 100:g} %; {beyond} "
+                         f"{report.plan.request.baseline}'s own spread across seeds")
+    if report.plan.mode == "fidelity" and not summaries:
         for r in report.results:
             if r.name != report.plan.request.baseline and r.fidelity and r.fidelity.relative_gap is not None:
                 verdict = "within" if r.fidelity.within_target else "NOT within"

@@ -15,6 +15,15 @@ from ..recipe.load import format_set
 from ..recipe.validate import EXP_NAME_RE
 
 
+SEED_MARK = ".seed"  # a variant run once per seed of --seeds is named NAME.seedSEED
+
+
+def seeded_from(name: str) -> tuple[str, str | None]:
+    """'fp8-blockwise.seed7' -> ('fp8-blockwise', '7'); a name without a seed -> (name, None)."""
+    base, mark, seed = name.rpartition(SEED_MARK)
+    return (base, seed) if mark and base and seed.isdigit() else (name, None)
+
+
 @dataclass(frozen=True)
 class Variant:
     """A named set of recipe overrides (`--set` assignments) and extra Megatron flags."""
