@@ -181,12 +181,13 @@ step_Beval() {
   python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/curves.json" "$e/cpt-fp8" "$e/cpt-fp8-today" \
     "$e/cpt-bf16" "$e/base" 2>>"$RES/console/heldout.txt"
 }
-fidelity() {  # NAME PORT VARIANTS: 500 steps of the tiny model on the text, each variant against bf16
+fidelity() {  # NAME VARIANTS: 500 steps of the tiny model on the text, each variant against bf16, over 3 seeds
   bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
-    --set "launch.rdzv_endpoint=localhost:$2" --variants "$3"
+    --seeds 1236,1237,1238 --variants "$2"
 }
-step_Bfid() { fidelity fid 29551 bf16,fp8-blockwise,fp8-lean,fp8-all; }
-step_Bfid2() { fidelity fid-moments 29552 bf16,bf16-moments,fp8-lean-moments; }
+# one option at a time: the exact ones (transposes on demand, the projection's BF16 input), then the lossy ones
+step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-tod,fp8-proj; }
+step_Bfid2() { fidelity fid-lossy bf16,fp8-actstore,fp8-attn,fp8-qkvrope; }
 
 lane_A() {
   CUDA_VISIBLE_DEVICES=0 step_A7
