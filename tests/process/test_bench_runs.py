@@ -74,13 +74,19 @@ def test_end_to_end_speed(tmp_path):
     assert (root / "bf16" / "bench-console.log").is_file() and (root / "bf16" / "launch.sh").is_file()
 
 
-@pytest.mark.slow
-def test_end_to_end_fidelity(tmp_path):
+def _toy_dataset(tmp_path: Path) -> Path:
+    """An empty indexed-dataset prefix and tokenizer folder (tmp_path/tok): the fake Megatron reads neither."""
     prefix = tmp_path / "data" / "toy_text_document"
     prefix.parent.mkdir()
     for suffix in (".bin", ".idx"):
         Path(str(prefix) + suffix).write_bytes(b"")
     (tmp_path / "tok").mkdir()
+    return prefix
+
+
+@pytest.mark.slow
+def test_end_to_end_fidelity(tmp_path):
+    prefix = _toy_dataset(tmp_path)
     proc = _bench(tmp_path, "--fidelity", "--recipe", "tiny", "--data", str(prefix), "--tokenizer",
                   str(tmp_path / "tok"), "--steps", "200", "--exp-name", "fid")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -99,11 +105,7 @@ def test_end_to_end_fidelity(tmp_path):
 
 @pytest.mark.slow
 def test_fidelity_over_seeds_pairs_each_run_with_the_baseline_of_its_seed(tmp_path):
-    prefix = tmp_path / "data" / "toy_text_document"
-    prefix.parent.mkdir()
-    for suffix in (".bin", ".idx"):
-        Path(str(prefix) + suffix).write_bytes(b"")
-    (tmp_path / "tok").mkdir()
+    prefix = _toy_dataset(tmp_path)
     proc = _bench(tmp_path, "--fidelity", "--recipe", "tiny", "--data", str(prefix), "--tokenizer",
                   str(tmp_path / "tok"), "--steps", "100", "--seeds", "10,11", "--exp-name", "seeds")
     assert proc.returncode == 0, proc.stdout + proc.stderr
