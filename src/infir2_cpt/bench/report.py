@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
+from ..reports.figures import pyplot, save_figure
 from .memory import REPORT_PHASES
 from .metrics import FIDELITY_TARGET, GpuPeak, Ratios, SeedSummary, VariantResult, baseline_of, seed_summaries
 from .trace import CATEGORY_ORDER
@@ -102,26 +103,9 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend (bench runs on headless GPU hosts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_speed(results: Sequence[VariantResult], baseline: str, path: Path, title: str) -> Path:
     """Bar charts: step time, TFLOP/s/GPU, peak memory; each bar labelled with its ratio to the baseline."""
-    plt = _pyplot()
+    plt = pyplot()
 
     names = [r.name for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(min(24, max(12, 3.0 * len(names))), 4.8))
@@ -150,12 +134,12 @@ def plot_speed(results: Sequence[VariantResult], baseline: str, path: Path, titl
     ax.set_title("peak memory (GiB)")
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_fidelity(results: Sequence[VariantResult], baseline: str, path: Path, title: str) -> Path:
     """Loss curves, and each variant's relative loss difference to the baseline per iteration."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     by_name = {r.name: r for r in results}
@@ -178,7 +162,7 @@ def plot_fidelity(results: Sequence[VariantResult], baseline: str, path: Path, t
     if bottom.get_legend_handles_labels()[0]:
         bottom.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_breakdowns(results: Sequence[VariantResult], path: Path, title: str) -> Optional[Path]:
@@ -186,7 +170,7 @@ def plot_breakdowns(results: Sequence[VariantResult], path: Path, title: str) ->
     profiled = [r for r in results if r.breakdown and "categories" in r.breakdown]
     if not profiled:
         return None
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(profiled) + 3), 5))
     bottoms = [0.0] * len(profiled)
@@ -197,7 +181,7 @@ def plot_breakdowns(results: Sequence[VariantResult], path: Path, title: str) ->
     ax.set_ylabel("GPU kernel time per step (ms)")
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     ax.set_title(title, fontsize=10)
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def format_seed_table(summaries: Sequence[SeedSummary], baseline: str) -> str:

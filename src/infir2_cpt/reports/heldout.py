@@ -16,6 +16,7 @@ from ..errors import Problem, ReportError
 from ..layout import DecaySource, ExperimentPaths, read_json_object
 from ..retention import EVAL_DIR
 from .curve import experiment_curve
+from .figures import pyplot, save_figure
 from .text import human_count, table
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
@@ -114,11 +115,7 @@ def plot_png(series: list[Series], label: str, path: Path) -> Path:
 
 
 def _plot_png(series: list[Series], label: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     use_tokens = all(tokens is not None for s in series for _, tokens, _ in s.points)
     top = max((tokens or 0) for s in series for _, tokens, _ in s.points) if use_tokens else 0
     scale, unit = next(((v, u) for v, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")) if top >= 10 * v),
@@ -140,9 +137,7 @@ def _plot_png(series: list[Series], label: str, path: Path) -> Path:
         ax.set_title(f"held-out loss ({label}): {series[0].name} and its decays", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(plt, fig, path)

@@ -7,6 +7,7 @@ from pathlib import Path
 from .. import checkpoints as ck
 from ..errors import Problem, ReportError
 from .curve import Curve
+from .figures import pyplot, save_figure
 from .text import fmt_lr, human_count, table
 
 
@@ -132,10 +133,7 @@ def plot_png(curve: Curve, path: Path, max_points: int = 4000) -> Path:
 
 
 def _plot_png(curve: Curve, path: Path, max_points: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(10, 4.8), dpi=110)
@@ -169,9 +167,7 @@ def _plot_png(curve: Curve, path: Path, max_points: int) -> Path:
             top = ax.secondary_xaxis("top", functions=(lambda x: x * per / scale, lambda t: t * scale / per))
             top.set_xlabel(f"tokens seen ({unit})" if unit else "tokens seen")
         ax.legend(loc="lower center", fontsize=8)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(plt, fig, path)
