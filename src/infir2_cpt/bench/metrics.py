@@ -223,7 +223,7 @@ def apply_baseline(results: list[VariantResult], baseline: str, fidelity: bool) 
     """Ratios (and, in fidelity mode, the loss gap) of every result against the baseline's, once it ran."""
     ok = {r.name: r for r in results if r.status == "ok"}
     for r in results:
-        base = ok.get(baseline_of(r.name, baseline))
+        base = ok.get(baseline_of(r.name, baseline)) or ok.get(baseline)  # (a variant may be named x.seed1 itself)
         r.ratios = ratios(r.metrics, base.metrics) if base is not None else None
         r.fidelity = fidelity_gap(r.metrics, base.metrics) if base is not None and fidelity else None
 
