@@ -183,7 +183,7 @@ step_Beval() {
 }
 fidelity() {  # NAME VARIANTS: 500 steps of the tiny model on the text, each variant against bf16, over 3 seeds
   bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
-    --seeds 1236,1237,1238 --variants "$2"
+    --seeds 1236,1237,1238 --parallel 4 --variants "$2"
 }
 # one option at a time: the exact ones (transposes on demand, the projection's BF16 input), then the lossy ones
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-tod,fp8-proj; }

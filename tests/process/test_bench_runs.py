@@ -105,9 +105,10 @@ def test_end_to_end_fidelity(tmp_path):
 
 @pytest.mark.slow
 def test_fidelity_over_seeds_pairs_each_run_with_the_baseline_of_its_seed(tmp_path):
+    """Four runs, two at a time: the results come back in the plan's order, each FP8 run against its seed's BF16."""
     prefix = _toy_dataset(tmp_path)
     proc = _bench(tmp_path, "--fidelity", "--recipe", "tiny", "--data", str(prefix), "--tokenizer",
-                  str(tmp_path / "tok"), "--steps", "100", "--seeds", "10,11", "--exp-name", "seeds")
+                  str(tmp_path / "tok"), "--steps", "100", "--seeds", "10,11", "--parallel", "2", "--exp-name", "seeds")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     root = tmp_path / "exp" / "seeds"
     data = json.loads((root / "bench.json").read_text())

@@ -249,6 +249,11 @@ def test_fidelity_over_seeds_runs_each_variant_once_per_seed_and_checks_the_seed
             _plan(exp_root, recipe="tiny", seeds=seeds, **data, **extra)
     with pytest.raises(BenchError, match="--seeds: only with --fidelity"):
         _plan(exp_root, recipe="tiny", seeds=["3", "4"])
+    with pytest.raises(BenchError, match="--parallel: only with --fidelity"):
+        _plan(exp_root, recipe="tiny", parallel=2)
+    with pytest.raises(BenchError, match="--parallel: must be >= 1"):
+        _plan(exp_root, recipe="tiny", parallel=0, **data)
+    assert len(_plan(exp_root, recipe="tiny", parallel=4, seeds=["1", "2"], **data).variants) == 4
 
 
 def _fid_result(name: str, final: float | None, status: str = "ok") -> VariantResult:

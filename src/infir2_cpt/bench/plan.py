@@ -79,6 +79,9 @@ class BenchRequest:
         "compare mean final losses. One pair of runs cannot resolve a gap smaller than the spread between runs (two "
         "BF16 runs of the tiny model differed by 0.6 %); the table gives each variant's spread across seeds.",
         default_factory=list, parse=comma_list)
+    parallel: int = option(
+        "--parallel", metavar="N", help="--fidelity: run up to N variants at once on the same GPUs (a small model's "
+        "fidelity runs leave a large GPU mostly idle; their step times are then not comparable).", default=1)
     loss_window: int = option("--loss-window", help="--fidelity: final loss = mean of the last N iterations.",
                               default=20)
     profile: bool = option(
@@ -174,7 +177,7 @@ def _check_numbers(req: BenchRequest) -> list[Problem]:
                             ("--global-batch", req.global_batch, 1), ("--steps", req.steps, 1),
                             ("--warmup-steps", req.warmup_steps, 0), ("--nproc-per-node", req.nproc_per_node, 1),
                             ("--tensor-parallel", req.tensor_parallel, 1), ("--loss-window", req.loss_window, 1),
-                            ("--profile-steps", req.profile_steps, 1)):
+                            ("--profile-steps", req.profile_steps, 1), ("--parallel", req.parallel, 1)):
         if value is not None and value < low:
             problems.append(Problem(key, f"must be >= {low}", value))
     if req.timeout_minutes is not None and req.timeout_minutes <= 0:
@@ -188,6 +191,9 @@ def _check_numbers(req: BenchRequest) -> list[Problem]:
     elif req.data or req.tokenizer:
         problems.append(Problem("--data" if req.data else "--tokenizer", "only with --fidelity (speed runs use "
                                 "mock data)"))
+    if req.parallel > 1 and not req.fidelity:
+        problems.append(Problem("--parallel", "only with --fidelity (timed runs need the GPU to themselves)",
+                                req.parallel))
     if req.seeds:
         bad = [s for s in req.seeds if not s.isdigit()]
         if not req.fidelity:

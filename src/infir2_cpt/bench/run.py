@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -206,11 +207,12 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
     plan.root.mkdir(parents=True, exist_ok=True)
     results: list[VariantResult] = []
     written: list[Path] = []
-    for i, vp in enumerate(plan.variants, 1):
-        echo(f"[bench] variant {i}/{len(plan.variants)}: {vp.name} ({vp.variant.description})")
-        run = run_variant(req, plan, vp, echo)
+    order = {vp.name: i for i, vp in enumerate(plan.variants)}
+
+    def record(vp: VariantPlan, run: VariantRun) -> None:
         result = collect_result(plan, vp, run, peak)
         results.append(result)
+        results.sort(key=lambda r: order[r.name])  # plan order, whatever order parallel runs end in
         echo(f"[bench] {vp.name}: {result.status} after {result.seconds:.0f} s")
         for warning in result.warnings:
             echo(f"[bench] WARNING {warning}")
@@ -219,9 +221,23 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
                 echo(f"[{vp.name}]   {line}")
         apply_baseline(results, req.baseline, plan.mode == "fidelity")
         write_json(plan.root / RESULTS_FILE, results_json(plan, results, gpu_name, peak))
-        if run.exit_code == 2 and not result.iterations:
-            echo(f"[bench] {vp.name}: infir2 refused the launch (exit 2); not running the remaining variants")
-            break
+
+    def start(i: int, vp: VariantPlan) -> VariantRun:
+        echo(f"[bench] variant {i}/{len(plan.variants)}: {vp.name} ({vp.variant.description})")
+        return run_variant(req, plan, vp, echo)
+
+    if req.parallel > 1:
+        with ThreadPoolExecutor(max_workers=req.parallel) as pool:
+            running = {pool.submit(start, i, vp): vp for i, vp in enumerate(plan.variants, 1)}
+            for done in as_completed(running):
+                record(running[done], done.result())
+    else:
+        for i, vp in enumerate(plan.variants, 1):
+            run = start(i, vp)
+            record(vp, run)
+            if run.exit_code == 2 and not results[-1].iterations:
+                echo(f"[bench] {vp.name}: infir2 refused the launch (exit 2); not running the remaining variants")
+                break
     gpu_label = peak.label if peak else "unknown GPU"
     table = format_table(results, req.baseline, gpu_label, fidelity=plan.mode == "fidelity")
     summaries = seed_summaries(results, req.baseline)
