@@ -77,14 +77,13 @@ Q=(--steps 8 --warmup-steps 3)
 Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 warm-up iterations
 
 # ---- lane A (GPU 0; DP 2 uses both): speed and memory
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --set launch.rdzv_endpoint=localhost:29401 \
-  --variants bf16,fp8-blockwise,fp8-tod,fp8-all-tod,fp8-lean,bf16-moments,fp8-lean-moments; }
+step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
+  --variants bf16-graph,fp8-graph,fp8-all-tied-mem,fp8-exact; }
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-exact,bf16-moments,fp8-lean-moments; }
 step_ADP2() {  # data parallel 2 (TP 1): memory; GPU 1 is busy with lane B meanwhile, so the times are not clean
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
-    --set launch.rdzv_endpoint=localhost:29402 --variants bf16,fp8-blockwise,fp8-lean
+    --variants bf16,fp8-exact
 }
-step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" --set launch.rdzv_endpoint=localhost:29403 \
-  --variants bf16,bf16-graph,fp8-graph,fp8-all-tied-mem,fp8-lean; }
 
 # ---- lane B (GPU 1)
 step_Bstop() {
@@ -178,8 +177,9 @@ step_Beval() {
     >"$RES/console/heldout.txt" 2>&1
   log "held-out loss: exit $?"
   python3 benchmarks/scripts/tb_summary.py "$e/cpt-fp8" "$e/cpt-fp8-today" "$e/cpt-bf16" "$e/base" >"$RES/tb-summary.json" 2>/dev/null
-  python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/curves.json" "$e/cpt-fp8" "$e/cpt-fp8-today" \
-    "$e/cpt-bf16" "$e/base" 2>>"$RES/console/heldout.txt"
+  python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/cpt-curves.json" --png "$RES/cpt-loss.png" \
+    --baseline cpt-bf16 "$e/cpt-bf16" "$e/cpt-fp8" "$e/cpt-fp8-today" >"$RES/cpt-final-loss.txt" \
+    2>>"$RES/console/heldout.txt"
 }
 fidelity() {  # NAME VARIANTS: 500 steps of the tiny model on the text, each variant against bf16, over 3 seeds
   bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
@@ -189,24 +189,25 @@ fidelity() {  # NAME VARIANTS: 500 steps of the tiny model on the text, each var
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-tod,fp8-proj; }
 step_Bfid2() { fidelity fid-lossy bf16,fp8-actstore,fp8-attn,fp8-qkvrope; }
 
-lane_A() {
+lane_A() {  # what was never measured first (1.5B FP8 at micro batch 2), then the lossy options' fidelity
+  CUDA_VISIBLE_DEVICES=0 step_A15
   CUDA_VISIBLE_DEVICES=0 step_A7
   step_ADP2
-  CUDA_VISIBLE_DEVICES=0 step_A15
+  CUDA_VISIBLE_DEVICES=0 step_Bfid2
   log "lane A done"
 }
-lane_B() {  # tiny runs: several share GPU 1 at once
+lane_B() {  # tiny runs: several share GPU 1 at once (the stop proof passed every case on 2026-11-30: STOP=1 reruns it)
   export CUDA_VISIBLE_DEVICES=1
-  step_Bstop & local stop=$!
+  local stop=
+  if [ -n "${STOP:-}" ]; then step_Bstop & stop=$!; fi
   step_Bfid & local fid=$!
-  step_Bfid2 & local fid2=$!
   step_Bbase
   step_Bretain & local retain=$!
   step_Bmasters
   step_Bcpt
   step_Bdump
   step_Beval
-  wait $stop $retain $fid $fid2
+  wait $stop $retain $fid
   log "lane B done"
 }
 
