@@ -17,9 +17,9 @@ def bench(req: BenchRequest) -> None:
     """FP8 against BF16 on this machine: step time, tokens/s, TFLOP/s, MFU and peak memory per variant.
 
     Each variant runs as its own `infir2 train` (the real launcher and entry, on mock data, no checkpoints)
-    under exp/bench-<date>-<time>/<variant>, one after the other; the figures come from Megatron's own log
-    lines after --warmup-steps. Prints a table with ratios to --baseline and writes bench.json, table.md and
-    bench.png there. `infir2 bench --recipe 7b --layers 8 --seq 8192` compares the precisions on one GPU.
+    under exp/bench-<date>-<time>/<variant>, one after the other (fidelity runs: --parallel at a time); the
+    figures come from Megatron's own log lines after --warmup-steps. Prints a table with ratios to --baseline
+    and writes bench.json, table.md and bench.png there. `infir2 bench --recipe 7b --layers 8 --seq 8192` compares the precisions on one GPU.
     --set applies to every variant; Megatron flags after `--` too. Exit 2: invalid request (nothing run);
     exit 1: a variant failed.
 
@@ -28,6 +28,8 @@ def bench(req: BenchRequest) -> None:
     
       infir2 bench --recipe 7b --layers 8 --seq 8192
       infir2 bench --recipe tiny --fidelity --data data/corpus_text_document --tokenizer /models/Qwen2.5-7B
+      infir2 bench --recipe tiny --fidelity --data data/corpus_text_document --tokenizer /models/Qwen2.5-7B \\
+        --seeds 1236,1237,1238 --parallel 4
     """
     from ..bench import plan as bench_plan
     from ..bench import run as bench_run
