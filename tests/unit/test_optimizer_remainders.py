@@ -386,3 +386,25 @@ def test_the_dump_reconstructs_the_masters_te_holds(installed):
     rows = rem.bf16_param_masters(SimpleNamespace(chained_optimizers=[opt]))
     assert len(rows) == 1 and rows[0][0] is bf16 and rows[0][2:] == (2, 6)
     assert torch.equal(rows[0][1], master)
+
+
+def test_the_dump_runs_at_setup_and_after_the_chosen_steps_only(monkeypatch):
+    written = []
+    monkeypatch.setattr(rem, "dump_bf16_param_masters", lambda model, opt, path: written.append(path) or 0)
+    opt = SimpleNamespace(step=lambda: "stepped")
+    assert not rem.dump_masters_after_step_if_asked([], opt, {})
+    env = {rem.DUMP_ENV: "/x/m@{step}.pt", rem.DUMP_STEP_ENV: "0,2,3"}
+    assert rem.dump_masters_after_step_if_asked([], opt, env)
+    assert written == ["/x/m@0.pt"]
+    assert [opt.step() for _ in range(4)] == ["stepped"] * 4
+    assert written == ["/x/m@0.pt", "/x/m@2.pt", "/x/m@3.pt"]
+
+
+def test_the_gpu_checks_comparisons_pass_on_a_good_run_and_fail_on_a_broken_one(tmp_path):
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "remainders_check.py"
+    spec = importlib.util.spec_from_file_location("remainders_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.selftest(tmp_path) == 0

@@ -434,8 +434,8 @@ def describe(optimizer: Any) -> str:
             f"this rank, {2 * numel / 2**30:.2f} GiB less than FP32 masters); FP32 masters kept by Megatron: {fp32}")
 
 
-DUMP_ENV = "INFIR2_BF16_MASTERS_DUMP"  # FILE: after step DUMP_STEP_ENV (default 1) of this launch, write them
-DUMP_STEP_ENV = "INFIR2_BF16_MASTERS_DUMP_STEP"
+DUMP_ENV = "INFIR2_BF16_MASTERS_DUMP"  # FILE, "{step}" replaced: the BF16 params' FP32 masters, written ...
+DUMP_STEP_ENV = "INFIR2_BF16_MASTERS_DUMP_STEP"  # ... after these optimizer steps of this launch ("1,20"; 0: at setup)
 
 
 def bf16_param_masters(optimizer: Any) -> list[tuple[Any, Any, int, int]]:
@@ -476,24 +476,33 @@ def dump_bf16_param_masters(model: list[Any], optimizer: Any, path: str) -> int:
 
 
 def dump_masters_after_step_if_asked(model: list[Any], optimizer: Any, environ: Any = None) -> bool:
-    """With DUMP_ENV set: dump the BF16 params' masters once, after optimizer step DUMP_STEP_ENV of this launch
-    (the GPU check compares them between a run with and one without the option)."""
+    """With DUMP_ENV set: dump the BF16 params' masters after the optimizer steps DUMP_STEP_ENV of this launch (0:
+    now, after setup and the checkpoint load). The GPU check compares them between runs with and without the
+    option (benchmarks/scripts/remainders_check.py)."""
     import os
 
     environ = os.environ if environ is None else environ
     path = environ.get(DUMP_ENV)
     if not path:
         return False
-    wanted, calls, original = int(environ.get(DUMP_STEP_ENV, "1")), [0], optimizer.step
+    wanted = {int(x) for x in environ.get(DUMP_STEP_ENV, "1").split(",") if x.strip()}
+    calls, original = [0], optimizer.step
+
+    def dump(step: int) -> None:
+        out = path.replace("{step}", str(step))
+        count = dump_bf16_param_masters(model, optimizer, out)
+        print(f"infir2.remainders: wrote the FP32 masters of {count} BF16 params (step {step} of this launch) to "
+              f"{out}", flush=True)
+
+    if 0 in wanted:
+        dump(0)
 
     @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         calls[0] += 1
-        if calls[0] == wanted:
-            count = dump_bf16_param_masters(model, optimizer, path)
-            print(f"infir2.remainders: wrote the FP32 masters of {count} BF16 params after step {wanted} to {path}",
-                  flush=True)
+        if calls[0] in wanted:
+            dump(calls[0])
         return result
 
     optimizer.step = step
