@@ -441,9 +441,10 @@ def test_a_hostname_or_routable_address_is_not_loopback(exp_root):
 def test_fp8_only_options_need_fp8(exp_root):
     problems = config_problems("tiny", "precision.fp8=null", "precision.fp8_output_layer=true",
                                "precision.fp8_attention=true", "precision.fp8_activation_store=true",
-                               "precision.fp8_proj_bf16_input=true", "precision.fp8_transpose_on_demand=true")
+                               "precision.fp8_proj_bf16_input=true", "precision.fp8_transpose_on_demand=true",
+                               "precision.fp8_bf16_param_remainders=true")
     for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_proj_bf16_input",
-                "fp8_transpose_on_demand"):
+                "fp8_transpose_on_demand", "fp8_bf16_param_remainders"):
         assert "needs FP8 (precision.fp8 is null)" in one(problems, f"precision.{key}:")
 
 
@@ -479,6 +480,21 @@ def test_transposes_on_demand_need_blockwise_fp8_weights_and_no_cuda_graphs(exp_
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_transpose_on_demand=true"]),
                     no_gpu_probe())
     assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_transpose_on_demand"
+
+
+def test_bf16_param_remainders_need_blockwise_fp8_weights_and_the_precision_aware_distributed_optimizer(exp_root):
+    key = "precision.fp8_bf16_param_remainders"
+    for sets in (["precision.fp8=tensorwise"], ["precision.fp8_param_gather=false"],
+                 ["precision.precision_aware_optimizer=false"],
+                 ["parallel.distributed_optimizer=false", "precision.fp8_param_gather=false"]):
+        problem = one(config_problems("tiny", f"{key}=true", *sets), key)
+        assert "needs precision.fp8: blockwise with precision.fp8_param_gather, precision.precision_aware_optimizer " \
+               "and parallel.distributed_optimizer" in problem, sets
+    problem = one(config_problems("tiny", f"{key}=true", "megatron_extra_args=[--dist-ckpt-optim-fully-reshardable]"),
+                  key)
+    assert "cannot be used with --dist-ckpt-optim-fully-reshardable" in problem
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true"]), no_gpu_probe())
+    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_bf16_param_remainders"
 
 
 def test_bf16_adam_moments_need_the_precision_aware_optimizer(exp_root):

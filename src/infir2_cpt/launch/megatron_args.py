@@ -231,6 +231,7 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
         fp8_activation_store=fp8 and p.fp8_activation_store,
         fp8_proj_original_input=fp8 and p.fp8_proj_bf16_input,
         fp8_transpose_on_demand=fp8 and p.fp8_transpose_on_demand,
+        fp8_bf16_param_remainders=fp8 and p.fp8_bf16_param_remainders,
         fused_qkv_rope=recipe.model.fused_qkv_rope,
         nan_check_per_step=recipe.logging.nan_check == "step",
     )

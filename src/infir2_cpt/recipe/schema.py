@@ -131,6 +131,12 @@ class PrecisionConfig:
         "needs (an exact FP8 transpose) and frees it once the weight's gradient is done. 1 byte per FP8 weight "
         "less, for one transpose per weight and micro-batch. Blockwise recipe with fp8_param_gather; not with "
         "CUDA graphs.", default=False)
+    fp8_bf16_param_remainders: bool = doc(
+        "The parameters that stay BF16 in an FP8 run (embeddings, LM head, norms, biases) keep their FP32 master as "
+        "a BF16 run does: the BF16 parameter plus a 16-bit remainder in Transformer Engine's fused Adam, instead of "
+        "a 4-byte FP32 copy. 2 bytes per such parameter less (divided by the data-parallel size), same masters. "
+        "Blockwise FP8 with fp8_param_gather, the precision-aware optimizer and the distributed optimizer. "
+        "Checkpoints store the remainders: a run cannot switch it on or off across a resume.", default=False)
     adam_moments: str = doc(
         "Dtype of Adam's two moments: fp32, or bf16 (as DeepSeek-V3 trains; 4 bytes per parameter less, needs "
         "precision_aware_optimizer). Applies in both precisions.", default="fp32")

@@ -162,7 +162,8 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     fp8_only = {"precision.fp8_output_layer": p.fp8_output_layer, "precision.fp8_attention": p.fp8_attention,
                 "precision.fp8_activation_store": p.fp8_activation_store,
                 "precision.fp8_proj_bf16_input": p.fp8_proj_bf16_input,
-                "precision.fp8_transpose_on_demand": p.fp8_transpose_on_demand}
+                "precision.fp8_transpose_on_demand": p.fp8_transpose_on_demand,
+                "precision.fp8_bf16_param_remainders": p.fp8_bf16_param_remainders}
     for key, on in fp8_only.items():
         if on and p.fp8 is None:
             out.add(key, "needs FP8 (precision.fp8 is null): set precision.fp8 or turn this off", True)
@@ -189,6 +190,16 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
         if recipe.parallel.cuda_graph:
             out.add("precision.fp8_transpose_on_demand", "cannot be used with parallel.cuda_graph (a captured graph "
                     "keeps the memory it saw; the transposed copies come and go in backward)", True)
+    if p.fp8 and p.fp8_bf16_param_remainders and not (
+            p.fp8 == "blockwise" and p.fp8_param_gather and p.precision_aware_optimizer
+            and recipe.parallel.distributed_optimizer):
+        out.add("precision.fp8_bf16_param_remainders", "needs precision.fp8: blockwise with precision.fp8_param_gather,"
+                " precision.precision_aware_optimizer and parallel.distributed_optimizer (where megatron-core keeps FP32"
+                " masters for the BF16 parameters too)", True)
+    if p.fp8_bf16_param_remainders and any(a.startswith("--dist-ckpt-optim-fully-reshardable")
+                                           for a in recipe.megatron_extra_args):
+        out.add("precision.fp8_bf16_param_remainders", "cannot be used with --dist-ckpt-optim-fully-reshardable "
+                "(megatron-core gathers that format in FP32 and cannot load int16 remainders back)", True)
     if p.adam_moments not in ("fp32", "bf16"):
         out.add("precision.adam_moments", "must be fp32 or bf16", p.adam_moments)
     elif p.adam_moments != "fp32" and not (p.precision_aware_optimizer and recipe.parallel.distributed_optimizer):

@@ -14,7 +14,7 @@ import sys
 from functools import partial
 from typing import Any, Callable, Iterator
 
-from . import fp8_options, masters, wgrad_fusion
+from . import fp8_options, masters, optimizer_remainders, wgrad_fusion
 from .fp8_options import RuntimeOptions
 from .wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
 
@@ -214,6 +214,9 @@ def _install_after_setup(options: RuntimeOptions) -> None:
             _say(f"FP8 weights keep no transposed copy outside their backward: {fp8_options.transpose_on_demand(model)}")
         for note in fp8_options.describe_model(model, options):
             _say(note)
+        if options.fp8_bf16_param_remainders:
+            _say(optimizer_remainders.describe(optimizer))
+        optimizer_remainders.dump_masters_after_step_if_asked(model, optimizer)
         from megatron.training import get_args
 
         masters.after_setup(model, optimizer, get_args())
@@ -255,6 +258,9 @@ def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | No
         _say("core attention in FP8 (delayed scaling, cuDNN fused attention) inside the blockwise layers")
     if options.fp8_transpose_on_demand:
         fp8_options.install_transpose_on_demand()
+    if options.fp8_bf16_param_remainders:  # before Megatron builds its optimizer config
+        optimizer_remainders.install_bf16_remainders()
+        _say("BF16 parameters: BF16 + 16-bit remainder in Transformer Engine's fused Adam, no FP32 master copy")
     if options.nan_check_per_step:
         _say("NaN/Inf: checked once per step on the gradients, not per micro-batch on the loss")
     _install_after_setup(options)

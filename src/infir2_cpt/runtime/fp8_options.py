@@ -19,6 +19,9 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
   weight) alive all the time. With the option it exists only during the layer's backward: Transformer
   Engine rebuilds it from the row-wise data when backward asks (an exact FP8 transpose of 128x128 blocks)
   and infir2 frees it once the weight's gradient is accumulated. Blockwise weights with fp8_param_gather.
+- fp8_bf16_param_remainders: the parameters that stay BF16 (embeddings, LM head, norms, biases) keep their
+  FP32 master as BF16 + a 16-bit remainder in Transformer Engine's fused Adam, not as a 4-byte FP32 copy in
+  Megatron's distributed optimizer (optimizer_remainders.py).
 - fused_qkv_rope: RoPE applied to the fused QKV output in one kernel (both precisions).
 - nan_check_per_step: the loss's NaN/Inf check once per step instead of a device sync per micro-batch.
 
@@ -43,6 +46,7 @@ class RuntimeOptions:
     fp8_activation_store: bool = False
     fp8_proj_original_input: bool = False
     fp8_transpose_on_demand: bool = False
+    fp8_bf16_param_remainders: bool = False
     fused_qkv_rope: bool = False
     nan_check_per_step: bool = False
 
