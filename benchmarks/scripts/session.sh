@@ -79,10 +79,10 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 # ---- lane A (GPU 0; DP 2 uses both): speed and memory
 step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
   --variants bf16-graph,fp8-graph,fp8-all-tied-mem,fp8-exact; }
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-exact,bf16-moments,fp8-lean-moments; }
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-exact,fp8-exact-rem,bf16-moments,fp8-lean-moments; }
 step_ADP2() {  # data parallel 2 (TP 1): memory; GPU 1 is busy with lane B meanwhile, so the times are not clean
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
-    --variants bf16,fp8-exact
+    --variants bf16,fp8-exact,fp8-exact-rem
 }
 
 # ---- lane B (GPU 1)
@@ -187,6 +187,13 @@ fidelity() {  # NAME VARIANTS: 500 steps of the tiny model on the text, each var
 }
 # one option at a time: the exact ones (transposes on demand, the projection's BF16 input), then the lossy ones
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-tod,fp8-proj; }
+step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes per parameter less, save and resume
+  log "remainders check"
+  if [ -n "${DRY:-}" ]; then python3 benchmarks/scripts/remainders_check.py --out "$RES/remainders" --dry-run \
+    >"$RES/console/remainders.txt" 2>&1; log "remainders check: dry $?"; return; fi
+  python3 benchmarks/scripts/remainders_check.py --out "$RES/remainders" >"$RES/console/remainders.txt" 2>&1
+  log "remainders check: exit $?"
+}
 step_Bfid2() { fidelity fid-lossy bf16,fp8-actstore,fp8-attn,fp8-qkvrope; }
 
 lane_A() {  # what was never measured first (1.5B FP8 at micro batch 2), then the lossy options' fidelity
@@ -201,13 +208,14 @@ lane_B() {  # tiny runs: several share GPU 1 at once (the stop proof passed ever
   local stop=
   if [ -n "${STOP:-}" ]; then step_Bstop & stop=$!; fi
   step_Bfid & local fid=$!
+  step_Bremainders & local rem=$!
   step_Bbase
   step_Bretain & local retain=$!
   step_Bmasters
   step_Bcpt
   step_Bdump
   step_Beval
-  wait $stop $retain $fid
+  wait $stop $retain $fid $rem
   log "lane B done"
 }
 
