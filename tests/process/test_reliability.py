@@ -541,7 +541,8 @@ def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period(tmp_path: 
 @pytest.mark.slow
 def test_plain_torchrun_exits_1_after_forwarding_sigterm(tmp_path: Path) -> None:
     """Why infir2 does not exec torch.distributed.run itself: plain torchrun forwards the signal, but exits
-    1 (an uncaught SignalException) even when every worker exited 0, and SIGKILLs them after 30 s."""
+    1 (an uncaught SignalException) even when every worker exited 0, and SIGKILLs them after 30 s. On a loaded
+    2-core machine it was also seen to SIGKILL its worker and then not exit at all: no clean stop either."""
     out = tmp_path / "out"
     env = {**os.environ, "SLEEPY_OUT": str(out)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=1",
@@ -553,7 +554,13 @@ def test_plain_torchrun_exits_1_after_forwarding_sigterm(tmp_path: Path) -> None
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
+        try:
+            _, stderr = proc.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+            assert "forcefully exiting via 9" in stderr, stderr[-2000:]  # it killed the worker, then hung
+            return
         assert json.loads((out / "signal-0.json").read_text())["signal"] == "SIGTERM"
         assert proc.returncode == 1
         assert "SignalException" in stderr
