@@ -309,3 +309,28 @@ def test_stable_exp_names_the_stable_run_trained_under_another_exp(env: Path, cl
     assert "--train-iters 160" in result.output
     missing = cli("decay", "--recipe", "tiny", "--load", "iter_0000100", "--dry-run")  # looks in exp/tiny
     assert "warning: --load" in missing.output and "does not exist" in missing.output
+
+
+# --------------------------------------------------------------------------- the form of the master weights
+
+
+def test_checkpoints_are_not_resumed_or_decayed_with_master_weights_of_another_form(stable: Path, env: Path) -> None:
+    """Megatron would cast FP32 masters into 16-bit remainders (or back) while loading, without an error."""
+    record_launch(plan_run(LaunchRequest(recipe="tiny", dry_run=True)))  # the run as launched: FP8 parameters
+    with pytest.raises(LaunchError) as err:  # resumed in BF16
+        plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null"]))
+    text = str(err.value)
+    assert "precision.fp8: the checkpoints in" in text and "were written with precision.fp8=\"blockwise\": they keep " \
+        "the master weights as FP32 copies of all parameters; with precision.fp8=null they would be read as the " \
+        "BF16 parameters with 16-bit remainders" in text
+    with pytest.raises(LaunchError, match="precision.fp8_bf16_param_remainders: the checkpoints in"):
+        plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_bf16_param_remainders=true"]))
+    plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_format=hybrid"]))  # same form: resumes
+    with pytest.raises(LaunchError, match="precision.fp8: the checkpoints in .*/tiny/checkpoints were written"):
+        plan_decay("200", "precision.fp8=null")  # a decay's first launch reads the stable run's optimizer state
+    decay = plan_decay("200")
+    record_launch(decay)
+    make_ckpt(decay.paths.checkpoints, 220)
+    set_tracker(decay.paths.checkpoints, "220")
+    with pytest.raises(LaunchError, match="precision.fp8: the checkpoints in .*/tiny_decay/checkpoints were written"):
+        plan_decay("200", "precision.fp8=null")  # and its resume its own

@@ -25,7 +25,7 @@ from typing import Any
 from .. import checkpoints as ck
 from ..errors import Infir2Error, LaunchError, Problem, RecipeError
 from ..layout import ENTRY_ENV, GPU_CHECK_ENV, RECIPE_FILE, ExperimentPaths, exp_root
-from ..recipe.load import resolve
+from ..recipe.load import recorded_recipe, resolve
 from ..recipe.schedule import WSDSchedule
 from ..recipe.schema import BlendEntry, Recipe
 from ..recipe.validate import Findings, check_config, drop_consequences
@@ -165,16 +165,10 @@ def _parse_iterations(specs: list[str], out: Findings) -> set[int] | None:
 
 def _model_matches(recipe: Recipe, paths: ExperimentPaths, out: Findings) -> None:
     """A decay (or --recipe) with another model shape cannot be loaded into the model built for the first one."""
-    recorded = paths.root / RECIPE_FILE
-    if not recorded.is_file():
+    recorded = recorded_recipe(paths.root / RECIPE_FILE)
+    if recorded is None:
         return
-    try:
-        resolved = resolve(str(recorded))
-    except RecipeError:
-        return
-    if resolved.problems:
-        return
-    other = resolved.recipe.model
+    other = recorded.model
     differ = [f.name for f in dataclasses.fields(other) if getattr(other, f.name) != getattr(recipe.model, f.name)]
     if differ:
         keys = ", ".join(f"model.{k}" for k in differ)

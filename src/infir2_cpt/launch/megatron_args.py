@@ -222,6 +222,20 @@ def logging_args(recipe: Recipe, paths: ExperimentPaths) -> list[str]:
     return args
 
 
+def master_weights(recipe: Recipe) -> str:
+    """How the optimizer keeps the master weights, i.e. what a checkpoint's optimizer state holds. megatron-core
+    0.19.2 keeps the BF16 parameters plus 16-bit remainders (TE's fused Adam) only with its precision-aware
+    optimizer and no FP8 recipe but delayed scaling; otherwise FP32 copies."""
+    p = recipe.precision
+    if not (p.precision_aware_optimizer and recipe.parallel.distributed_optimizer):
+        return "FP32 copies of all parameters"
+    if p.fp8 in (None, "delayed"):
+        return "the BF16 parameters with 16-bit remainders"
+    if p.fp8_bf16_param_remainders:
+        return "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"
+    return "FP32 copies of all parameters"
+
+
 def runtime_options(recipe: Recipe) -> RuntimeOptions:
     """What the training entry installs beyond Megatron's flags (runtime/fp8_options.py), from the recipe."""
     p, fp8 = recipe.precision, recipe.precision.fp8 is not None

@@ -19,9 +19,9 @@ from typing import Mapping
 from .. import checkpoints as ck
 from ..checkpoints import TrackerRepair
 from ..errors import LaunchError
-from ..layout import (DEFAULT_ENTRY, ENTRY_ENV, GPU_CHECK_ENV, SCHEDULE_FILE, DecaySource, ExperimentPaths,
-                      exp_root, read_json_object)
-from ..recipe.load import ResolvedRecipe, format_set, resolve
+from ..layout import (DEFAULT_ENTRY, ENTRY_ENV, GPU_CHECK_ENV, RECIPE_FILE, SCHEDULE_FILE, DecaySource,
+                      ExperimentPaths, exp_root, read_json_object)
+from ..recipe.load import ResolvedRecipe, format_set, recorded_recipe, resolve
 from ..recipe.schedule import WSDSchedule
 from ..recipe.schema import Recipe
 from ..recipe.validate import Findings, check_config, drop_consequences
@@ -29,7 +29,7 @@ from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, op
 from ..retention import RETENTION_ENV
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
-from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, runtime_env
+from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, master_weights, runtime_env
 from .vocabulary import check_data_vocabulary, follow_tokenizer, recipe_tokenizer
 from .preflight import check_cuda_graph_env, check_disk_space, check_files, check_gpu, check_megatron_flags
 
@@ -169,6 +169,37 @@ def _check_schedule_unchanged(paths: ExperimentPaths, schedule: WSDSchedule, out
                     f"resume with a changed schedule: restore it, or start a new experiment with --exp", value)
 
 
+# the recipe keys that decide how the optimizer keeps the master weights (master_weights)
+MASTER_WEIGHT_KEYS = ("precision.fp8", "precision.fp8_param_gather", "precision.precision_aware_optimizer",
+                      "precision.fp8_bf16_param_remainders", "parallel.distributed_optimizer")
+
+
+def _check_master_weights_unchanged(recorded_in: ExperimentPaths, recipe: Recipe, out: Findings) -> None:
+    """A checkpoint's optimizer state holds the master weights in one form (FP32 copies, or 16-bit remainders
+    beside the BF16 parameters); Megatron would load one into the other by a plain cast, without an error. Compare
+    with the recipe recorded by the launch that wrote the checkpoints."""
+    recorded = recorded_recipe(recorded_in.root / RECIPE_FILE)
+    if recorded is None:
+        return
+    before, now = master_weights(recorded), master_weights(recipe)
+    if before == now:
+        return
+    changed = [k for k in MASTER_WEIGHT_KEYS if _value_at(recorded, k) != _value_at(recipe, k)]
+    key = changed[0] if changed else "precision"
+    then = ", ".join(format_set(k, _value_at(recorded, k)) for k in changed)
+    later = ", ".join(format_set(k, _value_at(recipe, k)) for k in changed)
+    out.add(key, f"the checkpoints in {recorded_in.checkpoints} were written with {then}: they keep the master "
+            f"weights as {before}; with {later} they would be read as {now}, and Megatron would cast one into the "
+            f"other without an error. Restore {' and '.join(changed) or 'the precision'}, or start a new "
+            "experiment (--exp) with checkpoint.pretrained set to a checkpoint of this run (its optimizer state "
+            "starts anew)")
+
+
+def _value_at(recipe: Recipe, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
 def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: list[str]) -> StartPlan:
     """A run of the whole schedule: from its own newest complete checkpoint, else the base model, else random."""
     schedule = WSDSchedule.of(recipe)
@@ -183,6 +214,7 @@ def plan_full_run(recipe: Recipe, paths: ExperimentPaths, out: Findings, notes: 
             notes.append(f"iteration {point.iteration} >= train_iters {recipe.schedule.train_iters}: the run is "
                          "already complete; Megatron will exit after loading")
         _check_schedule_unchanged(paths, schedule, out)
+        _check_master_weights_unchanged(paths, recipe, out)
         load = LoadPlan(load_dir=paths.checkpoints, ckpt_step=point.ckpt_step, expect_checkpoint=True)
         return StartPlan(load, schedule, repair, start_iteration=point.iteration or 0)
     repair = None
@@ -239,6 +271,7 @@ def plan_decay_run(recipe: Recipe, paths: ExperimentPaths, stable: ExperimentPat
         out.add("--load", f"experiment {paths.name} is a decay from {saved.ckpt_dir}/"
                 f"{ck.iter_dir_name(saved.iteration)}; to decay from another checkpoint give it its own --exp",
                 load_spec)
+    _check_master_weights_unchanged(paths if own.folder is not None else stable, recipe, out)
     if own.folder is not None and not out.config:
         notes.append(f"resuming this decay run from its own {own.folder.path} ({own.reason}); it ends at "
                      f"iteration {schedule.train_iters}")

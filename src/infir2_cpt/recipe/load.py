@@ -384,6 +384,18 @@ def load_recipe(name_or_path: str, sets: list[str] | None = None) -> ResolvedRec
     return resolve(name_or_path, sets or []).checked()
 
 
+def recorded_recipe(path: Path) -> Recipe | None:
+    """The recipe a launch recorded (exp/<name>/recipe.yaml), or None where there is none or it no longer reads
+    as a recipe (a later infir2 may have renamed a key): checks that compare with it then have nothing to say."""
+    if not path.is_file():
+        return None
+    try:
+        resolved = resolve(str(path))
+    except RecipeError:
+        return None
+    return None if resolved.problems else resolved.recipe
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 

@@ -136,7 +136,7 @@ class PrecisionConfig:
         "a BF16 run does: the BF16 parameter plus a 16-bit remainder in Transformer Engine's fused Adam, instead of "
         "a 4-byte FP32 copy. 2 bytes per such parameter less (divided by the data-parallel size), same masters. "
         "Blockwise FP8 with fp8_param_gather, the precision-aware optimizer and the distributed optimizer. "
-        "Checkpoints store the remainders: a run cannot switch it on or off across a resume.", default=False)
+        "Checkpoints store the remainders: a resume or a decay with the other setting is refused.", default=False)
     adam_moments: str = doc(
         "Dtype of Adam's two moments: fp32, or bf16 (as DeepSeek-V3 trains; 4 bytes per parameter less, needs "
         "precision_aware_optimizer). Applies in both precisions.", default="fp32")
