@@ -16,6 +16,7 @@ from infir2_cpt.launch import execute
 from infir2_cpt.launch.execute import write_records
 from infir2_cpt.layout import DecaySource
 from infir2_cpt.errors import LaunchError
+from infir2_cpt.launch.megatron_args import master_weights
 from infir2_cpt.launch.plan import LaunchPlan, LaunchRequest, plan_run
 
 
@@ -334,3 +335,18 @@ def test_checkpoints_are_not_resumed_or_decayed_with_master_weights_of_another_f
     set_tracker(decay.paths.checkpoints, "220")
     with pytest.raises(LaunchError, match="precision.fp8: the checkpoints in .*/tiny_decay/checkpoints were written"):
         plan_decay("200", "precision.fp8=null")  # and its resume its own
+
+
+@pytest.mark.parametrize("sets, form", [
+    ((), "FP32 copies of all parameters"),  # blockwise FP8 parameters
+    (("precision.fp8=null",), "the BF16 parameters with 16-bit remainders"),
+    (("precision.fp8_param_gather=false",), "FP32 copies of all parameters"),
+    (("precision.fp8=delayed", "precision.fp8_param_gather=false"), "the BF16 parameters with 16-bit remainders"),
+    (("precision.fp8=delayed",), "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"),
+    (("precision.fp8_bf16_param_remainders=true",),
+     "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"),
+    (("precision.fp8=null", "precision.precision_aware_optimizer=false"), "FP32 copies of all parameters"),
+])
+def test_the_form_of_the_master_weights_follows_megatrons_precision_aware_rule(env: Path, sets: tuple[str, ...],
+                                                                                form: str) -> None:
+    assert master_weights(plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=list(sets))).recipe) == form

@@ -229,9 +229,10 @@ def master_weights(recipe: Recipe) -> str:
     p = recipe.precision
     if not (p.precision_aware_optimizer and recipe.parallel.distributed_optimizer):
         return "FP32 copies of all parameters"
-    if p.fp8 in (None, "delayed"):
+    fp8_params = p.fp8 is not None and p.fp8_param_gather
+    if p.fp8 is None or (p.fp8 == "delayed" and not fp8_params):
         return "the BF16 parameters with 16-bit remainders"
-    if p.fp8_bf16_param_remainders:
+    if p.fp8 == "delayed" or p.fp8_bf16_param_remainders:  # delayed: Transformer Engine's Adam keeps the FP32 copies
         return "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"
     return "FP32 copies of all parameters"
 
