@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from infir2_cpt.bench.run import free_port
+
 INFIR2 = str(Path(sys.executable).with_name("infir2"))
 WORKER = Path(__file__).resolve().parents[1] / "fakes" / "multinode_worker.py"
 NPROC = 2
@@ -181,12 +183,6 @@ def best_nodes(request):
 # --------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Launch:
     node: int
@@ -272,7 +268,7 @@ def _check_job(nodes: Nodes, launches: list[Launch], tmp_path: Path, exp: str) -
 
 @pytest.mark.slow
 def test_two_launchers_form_one_job(nodes: Nodes, tmp_path: Path) -> None:
-    exp, port = "twonodes", _free_port()
+    exp, port = "twonodes", free_port()
     launches = [_start(nodes, i, port=port, exp=exp, tmp_path=tmp_path, join_timeout=60) for i in (0, 1)]
     launches = [_finish(launch) for launch in launches]
     _check_job(nodes, launches, tmp_path, exp)
@@ -282,7 +278,7 @@ def test_two_launchers_form_one_job(nodes: Nodes, tmp_path: Path) -> None:
 def test_late_first_node_is_waited_for(netns_nodes: Nodes, tmp_path: Path) -> None:
     """The second node starts first: it waits for the first node's store (up to join_timeout), rather
     than torchrun's own 60 s connect timeout, and the job forms when the first node arrives."""
-    exp, port = "latehead", _free_port()
+    exp, port = "latehead", free_port()
     second = _start(netns_nodes, 1, port=port, exp=exp, tmp_path=tmp_path, join_timeout=60)
     time.sleep(5)
     first = _start(netns_nodes, 0, port=port, exp=exp, tmp_path=tmp_path, join_timeout=60)
@@ -300,7 +296,7 @@ def test_node_that_never_arrives(best_nodes: Nodes, tmp_path: Path) -> None:
         cases.append((1, "nofirst", [f"infir2: no rendezvous at {best_nodes.head}:",
                                      f"after {JOIN_TIMEOUT} s (launch.join_timeout)",
                                      f"the first node, {best_nodes.head}, hosts it"]))
-    launches = [(_start(best_nodes, node, port=_free_port(), exp=exp, tmp_path=tmp_path, join_timeout=JOIN_TIMEOUT),
+    launches = [(_start(best_nodes, node, port=free_port(), exp=exp, tmp_path=tmp_path, join_timeout=JOIN_TIMEOUT),
                  expected) for node, exp, expected in cases]
     for launch, expected in launches:
         _finish(launch, timeout=JOIN_TIMEOUT + STARTUP_SLACK_S + 60)

@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 from click.testing import Result
 
+from infir2_cpt.bench.run import free_port
 from infir2_cpt.launch import execute
 from infir2_cpt.launch import plan as launch
 from infir2_cpt.launch import locking
@@ -384,12 +385,6 @@ def test_a_dry_run_never_takes_the_lock(cli: Callable[..., Result], exp_root: Pa
 # --------------------------------------------------------------------------- signals on real launches (CPU)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Launch:
     """`infir2 train` as a process, with the stand-in worker."""
 
@@ -438,7 +433,7 @@ def _cmdline(pid: int) -> str:
 
 @pytest.mark.slow
 def test_sigterm_reaches_the_worker_and_the_same_command_runs_again(tmp_path: Path) -> None:
-    args = ["--recipe", "tiny", "--nproc-per-node", "1", "--rdzv-endpoint", f"localhost:{_free_port()}"]
+    args = ["--recipe", "tiny", "--nproc-per-node", "1", "--rdzv-endpoint", f"localhost:{free_port()}"]
     first = Launch(tmp_path, args)
     try:
         ready = first.wait_for("ready-0.json")
@@ -477,7 +472,7 @@ def test_sigterm_reaches_the_worker_and_the_same_command_runs_again(tmp_path: Pa
 def test_sigkill_leaves_a_stale_lock_that_waits_for_orphaned_workers(tmp_path: Path) -> None:
     """SIGKILL to the launcher (torchrun) releases nothing and leaves its workers running in their own
     sessions: the next launch names them and refuses; once they are gone it takes the stale lock over."""
-    args = ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{_free_port()}"]
+    args = ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{free_port()}"]
     first = Launch(tmp_path, args)
     worker = None
     try:
@@ -510,7 +505,7 @@ def test_sigkill_leaves_a_stale_lock_that_waits_for_orphaned_workers(tmp_path: P
 
 @pytest.mark.slow
 def test_sigint_becomes_sigterm_for_the_workers(tmp_path: Path) -> None:
-    run = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{_free_port()}"])
+    run = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{free_port()}"])
     try:
         run.wait_for("ready-0.json")
         run.proc.send_signal(signal.SIGINT)
@@ -524,7 +519,7 @@ def test_sigint_becomes_sigterm_for_the_workers(tmp_path: Path) -> None:
 def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period(tmp_path: Path) -> None:
     """The worker ignores SIGTERM: after the grace period (launch.stop_grace_seconds) it is SIGKILLed and the
     launch exits 128 + SIGTERM = 143."""
-    run = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{_free_port()}",
+    run = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{free_port()}",
                             "--set", "launch.stop_grace_seconds=2"], SLEEPY_IGNORE_SIGTERM="1")
     try:
         run.wait_for("ready-0.json")
@@ -546,7 +541,7 @@ def test_plain_torchrun_exits_1_after_forwarding_sigterm(tmp_path: Path) -> None
     out = tmp_path / "out"
     env = {**os.environ, "SLEEPY_OUT": str(out)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=1",
-                             "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_free_port()}", str(WORKER)],
+                             "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", str(WORKER)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -574,7 +569,7 @@ def test_plain_torchrun_exits_1_after_forwarding_sigterm(tmp_path: Path) -> None
 def test_two_nodes_of_one_job_on_one_host_share_the_lock(tmp_path: Path) -> None:
     """Both launchers of a two-node job on one machine: the first on the rendezvous host takes the lock, the
     second joins without refusing; no other launch can take the experiment meanwhile."""
-    endpoint = f"{socket.gethostname()}:{_free_port()}"
+    endpoint = f"{socket.gethostname()}:{free_port()}"
     args = ["--recipe", "tiny", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
     # each "node" its own (non-existent) GPUs: on a GPU host the lock refuses two launchers on the same GPUs
     node_a = Launch(tmp_path, args, tag="a", CUDA_VISIBLE_DEVICES="none-a")
@@ -590,7 +585,7 @@ def test_two_nodes_of_one_job_on_one_host_share_the_lock(tmp_path: Path) -> None
         node_b.wait_for("ready-1.json")
         assert json.loads(lock_file.read_text())["pid"] == node_a.proc.pid
         assert "another node of this multi-node job holds the experiment lock" in node_b.text()
-        single = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{_free_port()}"], tag="c")
+        single = Launch(tmp_path, ["--recipe", "tiny", "--rdzv-endpoint", f"localhost:{free_port()}"], tag="c")
         assert single.wait() == 2 and "already being written" in single.text()
         node_a.proc.send_signal(signal.SIGTERM)
         node_b.proc.send_signal(signal.SIGTERM)

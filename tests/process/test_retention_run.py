@@ -7,7 +7,6 @@ stays."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from infir2_cpt import checkpoints as ck
+from infir2_cpt.bench.run import free_port
 from infir2_cpt.layout import DecaySource
 from infir2_cpt.retention import LOG_NAME, POLL_ENV
 
 WORKER = Path(__file__).resolve().parents[1] / "fakes" / "saving_worker.py"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_launcher_prunes_while_training_and_keeps_what_it_must(tmp_path: Path) -> None:
@@ -39,7 +33,7 @@ def test_the_launcher_prunes_while_training_and_keeps_what_it_must(tmp_path: Pat
            "SAVER_STEP_SECONDS": "0.04", "SAVER_SAVE_SECONDS": "0.3", POLL_ENV: "0.1"}
     env.pop("INFIR2_EXP_DIR", None)
     command = [sys.executable, "-m", "infir2_cpt.cli", "train", "--recipe", "tiny", "--exp", "keeper",
-               "--nproc-per-node", "2", "--rdzv-endpoint", f"localhost:{_free_port()}",
+               "--nproc-per-node", "2", "--rdzv-endpoint", f"localhost:{free_port()}",
                "--set", "checkpoint.save_interval=20", "--set", "checkpoint.keep_last=2",
                "--set", "checkpoint.keep_every=60", "--set", "schedule.train_iters=140"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

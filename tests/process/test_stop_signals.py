@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ from typing import Any
 
 import pytest
 
+from infir2_cpt.bench.run import free_port
 from infir2_cpt.layout import write_stop_request
 
 WORKER = Path(__file__).resolve().parents[1] / "fakes" / "saving_worker.py"
 EXP = "stopper"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +51,7 @@ class Run:
                     "SAVER_OUT": str(self.out), "SAVER_SAVE_INTERVAL": "20", **env}
         full_env.pop("INFIR2_EXP_DIR", None)
         args = ["--recipe", "tiny", "--exp", EXP, "--nproc-per-node", str(nproc),
-                "--rdzv-endpoint", f"localhost:{_free_port()}"]
+                "--rdzv-endpoint", f"localhost:{free_port()}"]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "infir2_cpt.cli", "train", *args], env=full_env,
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from infir2_cpt.bench.run import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "fakes" / "gloo_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(exp_root: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
