@@ -20,8 +20,8 @@ from ..recipe.schema import Recipe
 from ..recipe.shape import ModelShape
 from ..recipe.validate import EXP_NAME_RE
 from ..requests import EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, comma_list, option
-from .variants import (BUILTIN_VARIANTS, DEFAULT_FIDELITY_VARIANTS, DEFAULT_SPEED_VARIANTS, SEED_MARK, Variant,
-                       load_variants_file, parse_variant_spec, seeded_from, select_variants)
+from .variants import (BUILTIN_VARIANTS, DEFAULT_FIDELITY_VARIANTS, DEFAULT_SPEED_VARIANTS, Variant,
+                       load_variants_file, parse_variant_spec, seeded_from, select_variants, with_seed)
 
 QWEN25_VOCAB = 151665  # Qwen2.5's tokenizer (151643 tokens + 22 special tokens)
 DEFAULT_SPEED_STEPS = 20
@@ -373,11 +373,6 @@ def plan_bench(req: BenchRequest, env: Optional[LaunchEnv] = None) -> BenchPlan:
         raise BenchError(problems)
     return BenchPlan(request=req, root=root, mode=mode, steps=steps, train_iters=train_iters,
                      profile_window=profile_window, variants=plans, warnings=warnings, gpu_check=env.gpu_check)
-
-
-def with_seed(variant: Variant, seed: int) -> Variant:
-    return replace(variant, name=f"{variant.name}{SEED_MARK}{seed}", sets=(*variant.sets, f"schedule.seed={seed}"),
-                   description=f"{variant.description} (seed {seed})")
 
 
 def child_command(req: BenchRequest, vp: VariantPlan, port: int) -> list[str]:

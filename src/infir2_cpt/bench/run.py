@@ -26,8 +26,7 @@ from .metrics import (FIDELITY_TARGET, THROUGHPUT_KEY, GpuPeak, VariantResult, a
 from .plan import MEMORY_SNAPSHOT_FILE, TRACE_GLOB, BenchPlan, BenchRequest, VariantPlan, child_command
 from .report import (BREAKDOWN_PLOT_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, format_breakdowns,
                      format_memory_breakdowns, format_seed_table, format_table, plot_breakdowns, plot_fidelity,
-                     plot_speed,
-                     results_json, write_json)
+                     plot_speed, results_json, write_json)
 from .trace import trace_breakdown
 
 

@@ -4,7 +4,7 @@ command line (--variant NAME:ITEMS) or in a YAML file (--variants-file)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,6 +22,12 @@ def seeded_from(name: str) -> tuple[str, str | None]:
     """'fp8-blockwise.seed7' -> ('fp8-blockwise', '7'); a name without a seed -> (name, None)."""
     base, mark, seed = name.rpartition(SEED_MARK)
     return (base, seed) if mark and base and seed.isdigit() else (name, None)
+
+
+def with_seed(variant: Variant, seed: int) -> Variant:
+    """The variant run with that seed, named NAME.seedSEED."""
+    return replace(variant, name=f"{variant.name}{SEED_MARK}{seed}", sets=(*variant.sets, f"schedule.seed={seed}"),
+                   description=f"{variant.description} (seed {seed})")
 
 
 @dataclass(frozen=True)
