@@ -28,6 +28,12 @@ def _fmt(value: Optional[float], spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str, fidelity: bool = False) -> str:
     """A Markdown table (paste-able into a results page)."""
     if fidelity:
@@ -55,9 +61,7 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
                          _fmt(m.mfu * 100 if m.mfu is not None else None, ".1f", " %"),
                          _fmt(m.max_allocated_gib), _fmt(m.max_reserved_gib),
                          _fmt(q.step_time, ".3f"), _fmt(q.max_allocated, ".3f"), _fmt(q.max_reserved, ".3f")])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(head, rows)
 
 
 def format_breakdowns(results: Sequence[VariantResult]) -> str:
@@ -66,17 +70,17 @@ def format_breakdowns(results: Sequence[VariantResult]) -> str:
     if not profiled:
         return ""
     head = ["category"] + [f"{r.name} ms/step" for r in profiled] + [f"{r.name} share" for r in profiled]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for cat in CATEGORY_ORDER:
         cells = [_fmt(r.breakdown["categories"][cat]["ms_per_step"], ".2f") for r in profiled]  # type: ignore[index]
         cells += [_fmt(r.breakdown["categories"][cat]["share"] * 100, ".1f", " %") for r in profiled]  # type: ignore[index]
-        lines.append("| " + " | ".join([cat, *cells]) + " |")
+        rows.append([cat, *cells])
     for key, label in (("kernel_ms_per_step", "sum of kernels"), ("gpu_busy_ms_per_step", "GPU busy (union)"),
                        ("exposed_communication_ms_per_step", "communication not overlapped"),
                        ("step_wall_ms", "step wall time")):
         cells = [_fmt(r.breakdown.get(key), ".2f") for r in profiled] + [""] * len(profiled)  # type: ignore[union-attr]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
-    return "\n".join(lines)
+        rows.append([label, *cells])
+    return markdown_table(head, rows)
 
 
 def format_memory_breakdowns(results: Sequence[VariantResult]) -> str:
@@ -85,16 +89,12 @@ def format_memory_breakdowns(results: Sequence[VariantResult]) -> str:
     if not recorded:
         return ""
     head = ["live at the peak, by phase"] + [f"{r.name} GiB" for r in recorded]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     phases = [p for p in REPORT_PHASES if any(p in r.memory["phases"] for r in recorded)]  # type: ignore[index]
-    for phase in phases:
-        cells = [_fmt(r.memory["phases"].get(phase, {}).get("gib"), ".2f") for r in recorded]  # type: ignore[index]
-        lines.append("| " + " | ".join([phase, *cells]) + " |")
-    peaks = [_fmt(r.memory["peak_gib"], ".2f") for r in recorded]  # type: ignore[index]
-    lines.append("| " + " | ".join(["peak (replayed)", *peaks]) + " |")
-    lines.append("| " + " | ".join(["max allocated (Megatron)",
-                                    *(_fmt(r.metrics.max_allocated_gib, ".2f") for r in recorded)]) + " |")
-    return "\n".join(lines)
+    rows = [[phase, *(_fmt(r.memory["phases"].get(phase, {}).get("gib"), ".2f")  # type: ignore[index]
+                      for r in recorded)] for phase in phases]
+    rows.append(["peak (replayed)", *(_fmt(r.memory["peak_gib"], ".2f") for r in recorded)])  # type: ignore[index]
+    rows.append(["max allocated (Megatron)", *(_fmt(r.metrics.max_allocated_gib, ".2f") for r in recorded)])
+    return markdown_table(head, rows)
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -195,11 +195,10 @@ def format_seed_table(summaries: Sequence[SeedSummary], baseline: str) -> str:
     rows = [[s.variant, f"{s.seeds_ok}/{s.seeds}", _fmt(s.mean_final_loss, ".4f"),
              _fmt(s.spread * 100 if s.spread is not None else None, ".2f", " %"),
              _fmt(s.gap * 100 if s.gap is not None else None, "+.2f", " %"),
-             "(baseline)" if s.variant == baseline else ("yes" if s.within_target else "NO") if s.gap is not None else "-",
+             "(baseline)" if s.variant == baseline
+             else ("yes" if s.within_target else "NO") if s.gap is not None else "-",
              "-" if s.variant == baseline else yes_no(s.beyond_baseline_spread)] for s in summaries]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(head, rows)
 
 
 def results_json(plan: BenchPlan, results: Sequence[VariantResult], gpu_name: Optional[str],

@@ -19,9 +19,9 @@ def bench(req: BenchRequest) -> None:
     Each variant runs as its own `infir2 train` (the real launcher and entry, on mock data, no checkpoints)
     under exp/bench-<date>-<time>/<variant>, one after the other (fidelity runs: --parallel at a time); the
     figures come from Megatron's own log lines after --warmup-steps. Prints a table with ratios to --baseline
-    and writes bench.json, table.md and bench.png there. `infir2 bench --recipe 7b --layers 8 --seq 8192` compares the precisions on one GPU.
-    --set applies to every variant; Megatron flags after `--` too. Exit 2: invalid request (nothing run);
-    exit 1: a variant failed.
+    and writes bench.json, table.md and bench.png there. `infir2 bench --recipe 7b --layers 8 --seq 8192`
+    compares the precisions on one GPU. --set applies to every variant; Megatron flags after `--` too. Exit 2:
+    invalid request (nothing run); exit 1: a variant failed.
 
     Examples:
 

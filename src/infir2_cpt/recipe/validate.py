@@ -185,8 +185,8 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
                     recipe.parallel.cuda_graph_modules)
     if p.fp8 and p.fp8_transpose_on_demand:
         if p.fp8 != "blockwise" or not p.fp8_param_gather:
-            out.add("precision.fp8_transpose_on_demand", "needs precision.fp8: blockwise with precision.fp8_param_gather: "
-                    "true (FP8 weights in 128x128 blocks, whose transpose is exact)", True)
+            out.add("precision.fp8_transpose_on_demand", "needs precision.fp8: blockwise with "
+                    "precision.fp8_param_gather: true (FP8 weights in 128x128 blocks, whose transpose is exact)", True)
         if recipe.parallel.cuda_graph:
             out.add("precision.fp8_transpose_on_demand", "cannot be used with parallel.cuda_graph (a captured graph "
                     "keeps the memory it saw; the transposed copies come and go in backward)", True)

@@ -211,7 +211,8 @@ def _install_after_setup(options: RuntimeOptions) -> None:
         if options.fp8_proj_original_input:
             _say(f"attention output projections keep their BF16 input: {fp8_options.keep_original_proj_input(model)}")
         if options.fp8_transpose_on_demand:
-            _say(f"FP8 weights keep no transposed copy outside their backward: {fp8_options.transpose_on_demand(model)}")
+            count = fp8_options.transpose_on_demand(model)
+            _say(f"FP8 weights keep no transposed copy outside their backward: {count}")
         for note in fp8_options.describe_model(model, options):
             _say(note)
         if options.fp8_bf16_param_remainders:
