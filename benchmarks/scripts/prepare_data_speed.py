@@ -38,14 +38,28 @@ def machine() -> dict[str, Any]:
                   if line.startswith("model name")), platform.processor())
     import tokenizers
 
+    siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "python": platform.python_version(),
-            "tokenizers": tokenizers.__version__, "load_average": os.getloadavg()}
+            "tokenizers": tokenizers.__version__, "load_average": os.getloadavg(),
+            # "0,16": cpu0 shares its core with cpu16 (two hardware threads per core)
+            "cpu0_thread_siblings": siblings.read_text().strip() if siblings.exists() else None}
+
+
+def cpu_fields() -> list[int]:
+    """The machine-wide line of /proc/stat: user nice system idle iowait irq softirq steal ... (clock ticks)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
 
 
 def busy_cpu_s() -> float:
     """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    fields = cpu_fields()
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_cpu_s() -> float:
+    """CPU seconds the hypervisor gave to other guests while this one's vCPUs wanted to run (a VM's lost time)."""
+    fields = cpu_fields()
+    return (fields[7] if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_quiet(window_s: float, max_wait_s: float) -> float:
@@ -102,6 +116,39 @@ def raw_rates(tokenizer_dir: Path, lines: list[bytes]) -> dict[str, float]:
     return rates
 
 
+def _encode_share(tokenizer_dir: Path, lines: list[bytes], barrier: Any, results: Any) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    texts = [json.loads(line)["text"] for line in lines]
+    barrier.wait()
+    wall, cpu = time.perf_counter(), time.process_time()
+    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts)
+    results.put((tokens, time.perf_counter() - wall, time.process_time() - cpu))
+
+
+def raw_parallel(tokenizer_dir: Path, lines: list[bytes], workers: int) -> dict[str, float]:
+    """W independent processes, each calling Tokenizer.encode on every W-th document, started together: what this
+    machine's cores reach side by side with no infir2 code at all (all-core clocks, shared hardware threads, memory),
+    the ceiling W workers of prepare-data can reach."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_encode_share, args=(tokenizer_dir, lines[i::workers], barrier, results))
+             for i in range(workers)]
+    steal = steal_cpu_s()
+    for proc in procs:
+        proc.start()
+    done = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    tokens, wall = sum(d[0] for d in done), max(d[1] for d in done)
+    return {"workers": workers, "tokens_per_s": tokens / wall, "per_worker": tokens / wall / workers,
+            "per_cpu_s": tokens / sum(d[2] for d in done), "steal_s": steal_cpu_s() - steal}
+
+
 def prepare(src: Path, tokenizer_dir: Path, prefix: Path, workers: int, quiet: tuple[float, float]) -> dict[str, Any]:
     """One `infir2 prepare-data` run as its own process; its stats plus what was measured around it."""
     for old in prefix.parent.glob(prefix.name + "_text_document*"):
@@ -109,11 +156,12 @@ def prepare(src: Path, tokenizer_dir: Path, prefix: Path, workers: int, quiet: t
     command = [sys.executable, "-m", "infir2_cpt.cli", "prepare-data", "--input", str(src), "--tokenizer",
                str(tokenizer_dir), "--output-prefix", str(prefix), "--workers", str(workers)]
     waited = wait_for_quiet(*quiet)
-    busy, ours = busy_cpu_s(), children_cpu_s()
+    busy, ours, steal = busy_cpu_s(), children_cpu_s(), steal_cpu_s()
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     others = (busy_cpu_s() - busy) - (children_cpu_s() - ours)
+    steal = steal_cpu_s() - steal
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stdout}{done.stderr}")
     stats = json.loads(Path(f"{prefix}_text_document.stats.json").read_text())
@@ -126,7 +174,7 @@ def prepare(src: Path, tokenizer_dir: Path, prefix: Path, workers: int, quiet: t
             # start-up as the command reports it (older versions: inside prepare_data only), and everything
             # outside tokenizing and the index as the clock here sees it (interpreter start and exit included)
             "startup_s": t.get("startup_s", t["setup_s"]),
-            "outside_s": wall - phase - t["merge_s"], "others_cpu_s": max(others, 0.0), "waited_s": waited,
+            "outside_s": wall - phase - t["merge_s"], "others_cpu_s": max(others, 0.0), "steal_s": steal, "waited_s": waited,
             "text_mb_per_s": stats.get("text_bytes", stats["input_bytes"]) / 1e6 / phase,
             "bin": f"{prefix}_text_document.bin"}
 
@@ -168,7 +216,10 @@ def main() -> int:
     runs = []
     for w in counts:
         runs.append(prepare(inputs[w], args.tokenizer, args.out / f"out-w{w}", w, quiet))
-        print(f"  workers {w}: {runs[-1]['tokens_per_s'] / 1e3:.0f}k tokens/s", flush=True)
+        wait_for_quiet(*quiet)
+        runs[-1]["raw_parallel"] = raw_parallel(args.tokenizer, inputs[w].read_bytes().splitlines(), w)
+        print(f"  workers {w}: {runs[-1]['tokens_per_s'] / 1e3:.0f}k tokens/s; {w} plain encode processes "
+              f"{runs[-1]['raw_parallel']['tokens_per_s'] / 1e3:.0f}k tokens/s", flush=True)
     largest = runs[-1]
     compressed = []
     data = inputs[largest["workers"]].read_bytes()
@@ -188,18 +239,22 @@ def main() -> int:
     print(f"\nraw single-process rate: Tokenizer.encode {raw['encode_per_s'] / 1e3:.0f}k tokens/s "
           f"({raw['encode_per_cpu_s'] / 1e3:.0f}k per CPU s), encode_batch_fast {raw['batch_per_s'] / 1e3:.0f}k "
           f"tokens/s ({raw['batch_per_cpu_s'] / 1e3:.0f}k per CPU s); nproc {nproc}, {info['cpu']}\n")
+    # "plain W" is W plain encode processes side by side (per process, over the one-process rate): how far the
+    # machine itself scales; "vs plain W" is prepare-data's per-worker rate over theirs
     print("| input | workers | MB | units | tokens | tokenizing s | tokens/s | per worker | ratio | cpu ratio | "
-          "scaling | start-up s | outside s | text MB/s | others cpu s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "scaling | plain W | vs plain W | start-up s | outside s | text MB/s | others cpu s | steal s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs + compressed:
         name = Path(r["input"]).name
         ratio = r["per_worker"] / raw["encode_per_s"]
         cpu_ratio = (r["per_worker_cpu_s"] or 0) / raw["encode_per_cpu_s"]
         scaling = r["tokens_per_s"] / (base * r["workers"])
+        plain = next(p["raw_parallel"] for p in runs if p["workers"] == r["workers"])
         print(f"| {name} | {r['workers']} | {r['input_mb']:.0f} | {r['units']} | {r['tokens']:,} | "
               f"{r['tokenize_s']:.1f} | {r['tokens_per_s'] / 1e3:,.0f}k | {r['per_worker'] / 1e3:.0f}k | "
-              f"{ratio:.2f} | {cpu_ratio:.2f} | {scaling:.2f} | {r['startup_s']:.2f} | {r['outside_s']:.2f} | "
-              f"{r['text_mb_per_s']:.1f} | {r['others_cpu_s']:.0f} |")
+              f"{ratio:.2f} | {cpu_ratio:.2f} | {scaling:.2f} | {plain['per_worker'] / raw['encode_per_s']:.2f} | "
+              f"{r['per_worker'] / plain['per_worker']:.2f} | {r['startup_s']:.2f} | {r['outside_s']:.2f} | "
+              f"{r['text_mb_per_s']:.1f} | {r['others_cpu_s']:.0f} | {r['steal_s']:.1f} |")
     for r in compressed:
         print(f"{Path(r['input']).name}: output identical to the plain input's: {r['identical_to_plain']}")
     report = {"machine": info, "raw": raw, "runs": runs, "compressed": compressed,

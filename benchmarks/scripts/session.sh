@@ -51,7 +51,7 @@ step_prep() {
   # prepare-data against the tokenizer's own speed on this host's CPUs, while they are idle (before the build)
   python3 -m pip install -q --no-index --no-deps .gpu-data/wheels/zstandard-*.whl >/dev/null 2>&1
   python3 benchmarks/scripts/prepare_data_speed.py --input "$DATA/train.jsonl" --tokenizer "$TOK" \
-    --workers 1,4,8,16 --per-worker-mb 8 --out "$RES/prepare_data_speed" >"$RES/console/prepare_data_speed.txt" 2>&1
+    --workers 1,4,8,16 --per-worker-mb 10 --out "$RES/prepare_data_speed" >"$RES/console/prepare_data_speed.txt" 2>&1
   log "prepare-data speed: exit $?"
   touch "$RES/PREP_DONE"
 }
@@ -78,11 +78,11 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 
 # ---- lane A (GPU 0; DP 2 uses both): speed and memory
 step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
-  --variants bf16-graph,fp8-graph,fp8-all-tied-mem,fp8-exact; }
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-exact,fp8-exact-rem,bf16-moments,fp8-lean-moments; }
+  --variants bf16,fp8-blockwise,fp8-exact,fp8-graph; }
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 step_ADP2() {  # data parallel 2 (TP 1): memory; GPU 1 is busy with lane B meanwhile, so the times are not clean
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
-    --variants bf16,fp8-exact,fp8-exact-rem
+    --variants bf16,fp8-exact-rem
 }
 
 # ---- lane B (GPU 1)
@@ -170,10 +170,9 @@ step_Beval() {
   local m=$W/masters e=$INFIR2_EXP_ROOT
   python3 benchmarks/scripts/heldout_loss.py --recipe "$e/base/recipe.yaml" --heldout "$DATA/heldout_text_document" \
     --out "$RES/heldout.json" base="$e/base/checkpoints" \
-    masters-today-load="$m/m-today.pt" masters-fixed-load="$m/m-fixed.pt" \
-    masters-today-200="$m/cpt-fp8-today-200.pt" masters-fixed-200="$m/cpt-fp8-200.pt" \
-    masters-today-500="$m/cpt-fp8-today-500.pt" masters-fixed-500="$m/cpt-fp8-500.pt" \
     fp8-weights-500="$e/cpt-fp8/checkpoints" bf16-500="$e/cpt-bf16/checkpoints" \
+    fp8-today-weights-500="$e/cpt-fp8-today/checkpoints" \
+    $(for f in "$m"/*.pt; do [ -f "$f" ] && echo "masters-$(basename "$f" .pt)=$f"; done) \
     >"$RES/console/heldout.txt" 2>&1
   log "held-out loss: exit $?"
   python3 benchmarks/scripts/tb_summary.py "$e/cpt-fp8" "$e/cpt-fp8-today" "$e/cpt-bf16" "$e/base" >"$RES/tb-summary.json" 2>/dev/null
@@ -181,12 +180,12 @@ step_Beval() {
     --baseline cpt-bf16 "$e/cpt-bf16" "$e/cpt-fp8" "$e/cpt-fp8-today" >"$RES/cpt-final-loss.txt" \
     2>>"$RES/console/heldout.txt"
 }
-fidelity() {  # NAME VARIANTS: 500 steps of the tiny model on the text, each variant against bf16, over 3 seeds
+fidelity() {  # NAME VARIANTS [PARALLEL]: 500 steps of the tiny model on the text, each variant against bf16, 3 seeds
   bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" --steps 500 \
-    --seeds 1236,1237,1238 --parallel 4 --variants "$2"
+    --seeds 1236,1237,1238 --parallel "${3:-4}" --variants "$2"
 }
 # one option at a time: the exact ones (transposes on demand, the projection's BF16 input), then the lossy ones
-step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-tod,fp8-proj; }
+step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes per parameter less, save and resume
   log "remainders check"
   if [ -n "${DRY:-}" ]; then python3 benchmarks/scripts/remainders_check.py --out "$RES/remainders" --dry-run \
@@ -194,26 +193,27 @@ step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes p
   python3 benchmarks/scripts/remainders_check.py --out "$RES/remainders" >"$RES/console/remainders.txt" 2>&1
   log "remainders check: exit $?"
 }
-step_Bfid2() { fidelity fid-lossy bf16,fp8-actstore,fp8-attn,fp8-qkvrope; }
+step_Bfid2() { fidelity fid-lossy bf16,fp8-actstore,fp8-attn,fp8-qkvrope 6; }  # GPU 0 alone by then
 
-lane_A() {  # what was never measured first (1.5B FP8 at micro batch 2), then the lossy options' fidelity
-  CUDA_VISIBLE_DEVICES=0 step_A15
+lane_A() {  # the exact options at 1 GPU, FP8 at 1.5B micro batch 2, DP 2 memory, then the lossy options' fidelity
   CUDA_VISIBLE_DEVICES=0 step_A7
+  CUDA_VISIBLE_DEVICES=0 step_A15
   step_ADP2
   CUDA_VISIBLE_DEVICES=0 step_Bfid2
   log "lane A done"
 }
-lane_B() {  # tiny runs: several share GPU 1 at once (the stop proof passed every case on 2026-11-30: STOP=1 reruns it)
+lane_B() {  # tiny runs: several share GPU 1 at once. Proven on 2026-11-30 and skipped unless asked: the stop proof
+  # (STOP=1), retention with decays and `infir2 eval` (RETAIN=1), the masters probes and dumps (MASTERS=1)
   export CUDA_VISIBLE_DEVICES=1
-  local stop=
+  local stop= retain=
   if [ -n "${STOP:-}" ]; then step_Bstop & stop=$!; fi
   step_Bfid & local fid=$!
   step_Bremainders & local rem=$!
   step_Bbase
-  step_Bretain & local retain=$!
-  step_Bmasters
+  if [ -n "${RETAIN:-}" ]; then step_Bretain & retain=$!; fi
+  [ -n "${MASTERS:-}" ] && step_Bmasters
   step_Bcpt
-  step_Bdump
+  [ -n "${MASTERS:-}" ] && step_Bdump
   step_Beval
   wait $stop $retain $fid $rem
   log "lane B done"
