@@ -443,9 +443,29 @@ def test_fp8_only_options_need_fp8(exp_root):
                                "precision.fp8_attention=true", "precision.fp8_activation_store=true",
                                "precision.fp8_proj_bf16_input=true", "precision.fp8_transpose_on_demand=true",
                                "precision.fp8_bf16_param_remainders=true")
-    for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_proj_bf16_input",
-                "fp8_transpose_on_demand", "fp8_bf16_param_remainders"):
+    for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_bf16_param_remainders"):
         assert "needs FP8 (precision.fp8 is null)" in one(problems, f"precision.{key}:")
+    # the memory options that change no arithmetic are not refused: they do nothing in BF16, and say so
+    assert not [p for p in problems if "fp8_proj_bf16_input" in p or "fp8_transpose_on_demand" in p]
+
+
+def test_the_exact_memory_options_apply_where_they_can_and_the_launch_says_where_they_do_not(exp_root):
+    on = ["precision.fp8_transpose_on_demand=true", "precision.fp8_proj_bf16_input=true"]
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on), no_gpu_probe())
+    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_proj_original_input,fp8_transpose_on_demand"
+    assert not [n for n in plan.notes if "has no effect" in n]
+    cases = {("precision.fp8=null",): ("fp8_proj_bf16_input has no effect without FP8",
+                                       "fp8_transpose_on_demand has no effect without FP8"),
+             ("precision.fp8=tensorwise",): ("with precision.fp8=tensorwise (it needs blockwise)",),
+             ("precision.fp8_param_gather=false",): ("without FP8 parameters",),
+             ("parallel.cuda_graph=transformer_engine",): ("with CUDA graphs",)}
+    for sets, said in cases.items():
+        plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[*on, *sets]), no_gpu_probe())
+        notes = " | ".join(plan.notes)
+        assert all(s in notes for s in said), (sets, notes)
+        options = plan.env.get("INFIR2_RUNTIME_OPTIONS", "")
+        assert "fp8_transpose_on_demand" not in options
+        assert ("fp8_proj_original_input" in options) == (sets != ("precision.fp8=null",))
 
 
 def test_fp8_output_layer_needs_untied_embeddings(exp_root):
@@ -469,19 +489,6 @@ def test_bad_values_of_the_new_keys_name_what_is_valid(exp_root):
     assert "must be attn or mlp" in one(problems, "parallel.cuda_graph_modules")
 
 
-def test_transposes_on_demand_need_blockwise_fp8_weights_and_no_cuda_graphs(exp_root):
-    for sets in (["precision.fp8=tensorwise"], ["precision.fp8_param_gather=false"]):
-        problem = one(config_problems("tiny", "precision.fp8_transpose_on_demand=true", *sets),
-                      "precision.fp8_transpose_on_demand")
-        assert "needs precision.fp8: blockwise with precision.fp8_param_gather: true" in problem
-    problem = one(config_problems("tiny", "precision.fp8_transpose_on_demand=true",
-                                  "parallel.cuda_graph=transformer_engine"), "precision.fp8_transpose_on_demand")
-    assert "cannot be used with parallel.cuda_graph" in problem
-    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_transpose_on_demand=true"]),
-                    no_gpu_probe())
-    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_transpose_on_demand"
-
-
 def test_bf16_param_remainders_need_blockwise_fp8_weights_and_the_precision_aware_distributed_optimizer(exp_root):
     key = "precision.fp8_bf16_param_remainders"
     for sets in (["precision.fp8=tensorwise"], ["precision.fp8_param_gather=false"],
@@ -494,7 +501,7 @@ def test_bf16_param_remainders_need_blockwise_fp8_weights_and_the_precision_awar
                   key)
     assert "cannot be used with --dist-ckpt-optim-fully-reshardable" in problem
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true"]), no_gpu_probe())
-    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_bf16_param_remainders"
+    assert "fp8_bf16_param_remainders" in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
 
 
 def test_bf16_adam_moments_need_the_precision_aware_optimizer(exp_root):
@@ -508,14 +515,18 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
         "precision.fp8_output_layer=true", "precision.fp8_attention=true", "model.fused_qkv_rope=true",
         "logging.nan_check=step", "parallel.cuda_graph=transformer_engine", "parallel.cuda_graph_modules=[mlp]"]),
         no_gpu_probe())
-    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_output_layer,fp8_attention,fused_qkv_rope,nan_check_per_step"
+    # the recipe's exact memory options: the projection's input applies, transposes on demand not (CUDA graphs)
+    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == \
+        "fp8_output_layer,fp8_attention,fp8_proj_original_input,fused_qkv_rope,nan_check_per_step"
     assert plan.env["NCCL_GRAPH_REGISTER"] == "0"  # what Megatron asks for beside expandable segments
     user = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["parallel.cuda_graph=transformer_engine"]),
                     LaunchEnv.read({**os.environ, "INFIR2_GPU_CHECK": "0", "NCCL_GRAPH_REGISTER": "0"}))
     assert "NCCL_GRAPH_REGISTER" not in user.env  # the user's own value wins (and is reported)
     assert ("NCCL_GRAPH_REGISTER", "0", "user (recipe: 0)") in [(e.name, e.value, e.source) for e in user.env_report]
     plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
-    assert "INFIR2_RUNTIME_OPTIONS" not in plain.env
+    assert plain.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_proj_original_input,fp8_transpose_on_demand"
+    bf16 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null"]), no_gpu_probe())
+    assert "INFIR2_RUNTIME_OPTIONS" not in bf16.env
 
 
 def test_the_stop_grace_period_is_at_least_a_second(exp_root):

@@ -237,15 +237,37 @@ def master_weights(recipe: Recipe) -> str:
     return "FP32 copies of all parameters"
 
 
+def exact_fp8_memory_options(recipe: Recipe) -> tuple[bool, bool, list[str]]:
+    """Whether the two memory options that change no arithmetic apply (the projection's BF16 input, transposes on
+    demand), and a note for each one the recipe asks for where it cannot apply. They are settings of the FP8
+    weights: a recipe keeps them on when it is switched to BF16, another FP8 recipe or CUDA graphs, and they then
+    do nothing (said at launch) instead of refusing the switch."""
+    p, notes = recipe.precision, []
+    proj = p.fp8_proj_bf16_input and p.fp8 is not None
+    tod = p.fp8_transpose_on_demand and p.fp8 == "blockwise" and p.fp8_param_gather and not recipe.parallel.cuda_graph
+    if p.fp8_proj_bf16_input and not proj:
+        notes.append("precision.fp8_proj_bf16_input has no effect without FP8 (precision.fp8 is null)")
+    if p.fp8_transpose_on_demand and not tod:
+        why = ("without FP8 (precision.fp8 is null)" if p.fp8 is None else
+               f"with precision.fp8={p.fp8} (it needs blockwise)" if p.fp8 != "blockwise" else
+               "without FP8 parameters (precision.fp8_param_gather is false)" if not p.fp8_param_gather else
+               "with CUDA graphs (a captured graph keeps the memory it saw; the transposed copies come and go in "
+               "backward)")
+        keep = "" if p.fp8 is None else ": the FP8 weights keep their transposed copies"
+        notes.append(f"precision.fp8_transpose_on_demand has no effect {why}{keep}")
+    return proj, tod, notes
+
+
 def runtime_options(recipe: Recipe) -> RuntimeOptions:
     """What the training entry installs beyond Megatron's flags (runtime/fp8_options.py), from the recipe."""
     p, fp8 = recipe.precision, recipe.precision.fp8 is not None
+    proj, tod, _ = exact_fp8_memory_options(recipe)
     return RuntimeOptions(
         fp8_output_layer=fp8 and p.fp8_output_layer,
         fp8_attention=fp8 and p.fp8_attention,
         fp8_activation_store=fp8 and p.fp8_activation_store,
-        fp8_proj_original_input=fp8 and p.fp8_proj_bf16_input,
-        fp8_transpose_on_demand=fp8 and p.fp8_transpose_on_demand,
+        fp8_proj_original_input=proj,
+        fp8_transpose_on_demand=tod,
         fp8_bf16_param_remainders=fp8 and p.fp8_bf16_param_remainders,
         fused_qkv_rope=recipe.model.fused_qkv_rope,
         nan_check_per_step=recipe.logging.nan_check == "step",

@@ -125,12 +125,13 @@ class PrecisionConfig:
         "SwiGLU with a per-tensor scale: saves memory, costs a little time.", default=False)
     fp8_proj_bf16_input: bool = doc(
         "The attention output projection keeps its BF16 input for backward (attention keeps it anyway) instead "
-        "of an extra FP8 copy: saves memory.", default=False)
+        "of an extra FP8 copy: saves memory, changes no arithmetic. No effect in BF16 (noted at launch).",
+        default=False)
     fp8_transpose_on_demand: bool = doc(
         "Keep only the row-wise FP8 copy of each weight between steps: backward rebuilds the transposed copy it "
         "needs (an exact FP8 transpose) and frees it once the weight's gradient is done. 1 byte per FP8 weight "
-        "less, for one transpose per weight and micro-batch. Blockwise recipe with fp8_param_gather; not with "
-        "CUDA graphs.", default=False)
+        "less, for one transpose per weight and micro-batch. Applies to blockwise FP8 parameters without CUDA "
+        "graphs; elsewhere it has no effect (noted at launch).", default=False)
     fp8_bf16_param_remainders: bool = doc(
         "The parameters that stay BF16 in an FP8 run (embeddings, LM head, norms, biases) keep their FP32 master as "
         "a BF16 run does: the BF16 parameter plus a 16-bit remainder in Transformer Engine's fused Adam, instead of "

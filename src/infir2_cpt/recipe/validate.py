@@ -159,10 +159,10 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
         out.add("precision.fp8_param_gather", "needs parallel.distributed_optimizer: true", True)
     if p.fp8 == "delayed" and p.first_last_layers_bf16:
         out.add("precision.first_last_layers_bf16", "is not supported with the delayed FP8 recipe", True)
+    # what changes numerics or the checkpoints needs FP8; the exact memory options (fp8_proj_bf16_input,
+    # fp8_transpose_on_demand) apply where they can and are noted at launch where they cannot
     fp8_only = {"precision.fp8_output_layer": p.fp8_output_layer, "precision.fp8_attention": p.fp8_attention,
                 "precision.fp8_activation_store": p.fp8_activation_store,
-                "precision.fp8_proj_bf16_input": p.fp8_proj_bf16_input,
-                "precision.fp8_transpose_on_demand": p.fp8_transpose_on_demand,
                 "precision.fp8_bf16_param_remainders": p.fp8_bf16_param_remainders}
     for key, on in fp8_only.items():
         if on and p.fp8 is None:
@@ -183,13 +183,6 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
             out.add("parallel.cuda_graph_modules", "with precision.fp8_attention, attention must stay out of the "
                     "CUDA graphs (a replayed graph never updates its FP8 scales): use [mlp]",
                     recipe.parallel.cuda_graph_modules)
-    if p.fp8 and p.fp8_transpose_on_demand:
-        if p.fp8 != "blockwise" or not p.fp8_param_gather:
-            out.add("precision.fp8_transpose_on_demand", "needs precision.fp8: blockwise with "
-                    "precision.fp8_param_gather: true (FP8 weights in 128x128 blocks, whose transpose is exact)", True)
-        if recipe.parallel.cuda_graph:
-            out.add("precision.fp8_transpose_on_demand", "cannot be used with parallel.cuda_graph (a captured graph "
-                    "keeps the memory it saw; the transposed copies come and go in backward)", True)
     if p.fp8 and p.fp8_bf16_param_remainders and not (
             p.fp8 == "blockwise" and p.fp8_param_gather and p.precision_aware_optimizer
             and recipe.parallel.distributed_optimizer):
