@@ -232,6 +232,25 @@ def test_fidelity_uses_the_dataset_tokenizer_seed_and_recipe_schedule(exp_root, 
     assert (_value(argv, "--lr-warmup-iters"), _value(argv, "--lr-wsd-decay-iters")) == ("5", "10")
 
 
+def test_fidelity_from_a_trained_model_loads_it_in_every_variant(exp_root, tmp_path):
+    """Continual pre-training from a base model is the steady fidelity test: --set checkpoint.pretrained reaches
+    every variant as a first launch from it (FP8: masters copied from the base model's BF16 weights)."""
+    prefix = tmp_path / "toy_text_document"
+    for suffix in (".bin", ".idx"):
+        Path(str(prefix) + suffix).write_bytes(b"")
+    base = tmp_path / "base" / "checkpoints"
+    (base / "iter_0001000").mkdir(parents=True)
+    (base / "latest_checkpointed_iteration.txt").write_text("1000")
+    for name in (".metadata", "__0_0.distcp"):
+        (base / "iter_0001000" / name).write_bytes(b"")
+    plan = _plan(exp_root, recipe="tiny", fidelity=True, data=str(prefix), tokenizer=str(tmp_path),
+                 sets=[f"checkpoint.pretrained={base}"])
+    for vp in plan.variants:
+        argv = vp.launch.megatron_args
+        assert _value(argv, "--pretrained-checkpoint") == str(base) and "--save" not in argv
+        assert ("--load-main-params-from-ckpt" in argv) == (vp.name == "fp8-blockwise"), vp.name
+
+
 def test_fidelity_over_seeds_runs_each_variant_once_per_seed_and_checks_the_seeds(exp_root, tmp_path):
     prefix = tmp_path / "toy_text_document"
     for suffix in (".bin", ".idx"):
@@ -695,3 +714,19 @@ def test_ctrl_c_while_planning_exits_130_without_a_traceback(cli, exp_root, monk
     result = cli("bench", "--recipe", "tiny")
     assert result.exit_code == 130 and "infir2: bench interrupted" in result.stderr
     assert "results so far" not in result.stderr and not isinstance(result.exception, UnboundLocalError)
+
+
+def test_a_run_stopped_by_the_timeout_after_its_last_iteration_keeps_its_figures(exp_root):
+    """A fidelity run on a shared GPU can reach its last iteration and be stopped while it exits: its figures are
+    whole and count (with a warning); one stopped earlier is timed out."""
+    plan = _plan(exp_root, recipe="tiny", steps=10, warmup_steps=2)
+    assert plan.train_iters == 12
+    vp = plan.variants[0]
+    whole = run.collect_result(plan, vp, run.VariantRun(name=vp.name, command=[], exit_code=-15, console=MEGATRON_LOG,
+                                                        timed_out=True, seconds=1.0), None)
+    assert whole.status == "ok" and whole.metrics.step_ms == 1988.0
+    assert any("after its last iteration (12)" in w for w in whole.warnings)
+    cut = MEGATRON_LOG[:MEGATRON_LOG.index(" [2026-11-28 12:00:17")]
+    early = run.collect_result(plan, vp, run.VariantRun(name=vp.name, command=[], exit_code=-15, console=cut,
+                                                        timed_out=True, seconds=1.0), None)
+    assert early.status == "timed out"

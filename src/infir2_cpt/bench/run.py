@@ -146,9 +146,10 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
                               plan.request.loss_window)
     per_sequence = shape.flops_per_sequence()
     metrics.flops_share = {k: v / sum(per_sequence.values()) for k, v in per_sequence.items()}
-    if run.timed_out:
+    complete = bool(log.iterations) and log.iterations[-1].iteration >= plan.train_iters
+    if run.timed_out and not complete:
         status = "timed out"
-    elif run.exit_code != 0:
+    elif run.exit_code != 0 and not run.timed_out:  # a complete run stopped while exiting has no exit code of its own
         status = f"failed (exit {run.exit_code})"
     elif metrics.step_ms is None:
         status = "no timed iterations"
@@ -163,6 +164,8 @@ def collect_result(plan: BenchPlan, vp: VariantPlan, run: VariantRun, peak: Opti
         console_tail=run.console.splitlines()[-40:] if status != "ok" else [])
     if plan.mode == "speed" and (warning := noise_warning(vp.name, metrics)):
         result.warnings.append(warning)
+    if run.timed_out and complete:  # its figures are whole: the timeout struck while it was exiting
+        result.warnings.append(f"{vp.name}: stopped by --timeout-minutes after its last iteration ({plan.train_iters})")
     if plan.profile_window is not None:
         traces = sorted((plan.root / vp.name).glob(TRACE_GLOB))
         if traces:
