@@ -36,15 +36,17 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
 
 def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None:
     """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
-    # STOP, RETAIN and MASTERS add the steps a session skips once they are proven: all of them are checked
-    env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "W": str(tmp_path / "w"),
+    # STOP, RETAIN, MASTERS, CPT and FIDSCRATCH add the steps a session skips once they are proven: all are checked
+    env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1",
+           "W": str(tmp_path / "w"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps)
-    assert {"b7", "b7-dp2", "b15", "fid", "base", "m-fixed", "m-today", "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
+    assert {"b7", "b7-dp2", "b15", "fid", "fidcpt-1236", "fidcpt-1237", "base", "m-fixed", "m-today", "cpt-fp8",
+            "cpt-bf16"} <= {n for n, _ in exits}
     failed = {name for name, code in exits if code != "0"}
     consoles = tmp_path / "w" / "res" / "console"
     assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
