@@ -89,6 +89,18 @@ def test_every_complete_checkpoint_of_the_run_and_its_decays(runs: tuple[Experim
     assert flag(picked.megatron_args, "--ckpt-step") == "200" and flag(picked.megatron_args, "--eval-iters") == "5"
 
 
+def test_a_run_that_kept_remainders_or_transposed_copies_on_demand_is_evaluated(exp_root: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation builds BF16 parameters and loads no optimizer: the training's FP8-parameter options do not apply."""
+    monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
+    run = record("rem", sets=["precision.fp8_bf16_param_remainders=true", "precision.fp8_transpose_on_demand=true"])
+    make_ckpt(run.checkpoints, 100)
+    plan = plan_eval(EvalRequest(exp="rem", dry_run=True))
+    assert items(plan) == [("rem", 100)] and "--fp8-param-gather" not in plan.megatron_args
+    assert "fp8_bf16_param_remainders" not in plan.env.get("INFIR2_RUNTIME_OPTIONS", "")
+    assert "fp8_transpose_on_demand" not in plan.env.get("INFIR2_RUNTIME_OPTIONS", "")
+
+
 def test_a_missing_iteration_is_refused_and_only_warned_about_in_a_dry_run(
         runs: tuple[ExperimentPaths, ExperimentPaths]) -> None:
     with pytest.raises(LaunchError) as refused:
