@@ -49,7 +49,8 @@ BUILTIN_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             description="BF16 with the plain distributed optimizer (no precision-aware optimizer)"),
     Variant("fp8-blockwise", ("precision.fp8=blockwise", "precision.fp8_format=e4m3", *_SEED_FP8_FLAGS),
             description="FP8 blockwise E4M3 (1x128 activations, 128x128 weights) + the seed's flags: "
-                        "--fp8-param-gather --use-precision-aware-optimizer"),
+                        "--fp8-param-gather --use-precision-aware-optimizer; the recipe's other precision keys "
+                        "(the shipped recipes: transposes on demand, the projection's BF16 input)"),
     Variant("fp8-tensorwise", ("precision.fp8=tensorwise", "precision.fp8_format=e4m3", *_SEED_FP8_FLAGS),
             description="FP8 per-tensor current scaling E4M3 + the seed's flags"),
     Variant("fp8-delayed", ("precision.fp8=delayed", "precision.fp8_format=hybrid", *_SEED_FP8_FLAGS),
