@@ -154,8 +154,8 @@ def _parquet_units(path: Path, first_index: int) -> list[WorkUnit]:
 
 def unit_bytes_for(files: Sequence[Path], workers: int) -> int:
     """About a sixteenth of each worker's share, 1-64 MiB. Units take unequal times (documents differ), so the
-    last ones finish unevenly; the idle tail is about half a unit per worker: with 4 units per worker it cost 12-17 %
-    of the rate on 16 workers, with 16 a few percent. A unit costs a shard file and a queue message, nothing more."""
+    last ones finish unevenly: the idle tail is about half a unit per worker, up to an eighth of the run with 4 units
+    per worker, a thirty-second with 16. A unit costs a shard file and a queue message, nothing more."""
     total = sum(p.stat().st_size for p in files if input_kind(p) != "parquet")
     return min(max(total // (workers * _UNITS_PER_WORKER), _MIN_UNIT_BYTES), _MAX_UNIT_BYTES)
 
