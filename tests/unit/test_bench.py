@@ -730,3 +730,22 @@ def test_a_run_stopped_by_the_timeout_after_its_last_iteration_keeps_its_figures
     early = run.collect_result(plan, vp, run.VariantRun(name=vp.name, command=[], exit_code=-15, console=cut,
                                                         timed_out=True, seconds=1.0), None)
     assert early.status == "timed out"
+
+
+def test_the_curves_script_smooths_with_trailing_means_and_compares_final_values(tmp_path):
+    """benchmarks/scripts/tb_curves.py, on the figures docs/conversion.md draws with it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "tb_curves.py"
+    spec = importlib.util.spec_from_file_location("tb_curves", path)
+    assert spec is not None and spec.loader is not None
+    tb_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tb_curves)
+    points = [[1, 4.0], [2, 2.0], [3, 6.0], [4, 0.0]]
+    assert tb_curves.trailing_mean(points, 2) == [[1, 4.0], [2, 3.0], [3, 4.0], [4, 3.0]]
+    assert tb_curves.trailing_mean(points, 1) == points
+    summary = tb_curves.summarize({"bf16": points, "fp8": [[s, v * 1.01] for s, v in points], "none": []}, "bf16", 2)
+    assert summary["bf16"] == {"final": 3.0, "gap": 0.0} and summary["none"] == {"final": None, "gap": None}
+    assert summary["fp8"]["gap"] == pytest.approx(0.01)
+    tb_curves.plot({"bf16": points, "fp8": points}, "bf16", "lm loss", tmp_path / "c.png", smooth=2)
+    assert (tmp_path / "c.png").stat().st_size > 0
