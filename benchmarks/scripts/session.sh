@@ -83,6 +83,10 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
   --variants bf16,fp8-blockwise,fp8-exact-rem,fp8-lean-rem; }
 step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-prev,fp8-blockwise,fp8-exact-rem,fp8-lean-rem; }
+step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
+  CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
+    --variants bf16,fp8-prev,fp8-blockwise
+}
 step_ADP2() {  # data parallel 2 (TP 1) on both GPUs, before the lanes start: memory and time with nothing else there
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
     --variants bf16,fp8-blockwise,fp8-exact-rem
@@ -241,6 +245,7 @@ step_run() {  # everything after the staging, as one background job
     step_install
   fi
   step_ADP2
+  step_ATP2
   lane_A & local a=$!
   lane_B
   wait $a
