@@ -53,7 +53,7 @@ step_prep() {
   # prepare-data against the tokenizer's own speed on this host's CPUs, while they are idle (before the build)
   python3 -m pip install -q --no-index --no-deps .gpu-data/wheels/zstandard-*.whl >/dev/null 2>&1
   python3 benchmarks/scripts/prepare_data_speed.py --input "$DATA/train.jsonl" --tokenizer "$TOK" \
-    --workers 1,4,8,16 --per-worker-mb 10 --out "$RES/prepare_data_speed" >"$RES/console/prepare_data_speed.txt" 2>&1
+    --workers 1,8,16 --per-worker-mb 12 --out "$RES/prepare_data_speed" >"$RES/console/prepare_data_speed.txt" 2>&1
   log "prepare-data speed: exit $?"
   touch "$RES/PREP_DONE"
 }
