@@ -174,7 +174,8 @@ def prepare(src: Path, tokenizer_dir: Path, prefix: Path, workers: int, quiet: t
             # start-up as the command reports it (older versions: inside prepare_data only), and everything
             # outside tokenizing and the index as the clock here sees it (interpreter start and exit included)
             "startup_s": t.get("startup_s", t["setup_s"]),
-            "outside_s": wall - phase - t["merge_s"], "others_cpu_s": max(others, 0.0), "steal_s": steal, "waited_s": waited,
+            "outside_s": wall - phase - t["merge_s"], "others_cpu_s": max(others, 0.0), "steal_s": steal,
+            "waited_s": waited,
             "text_mb_per_s": stats.get("text_bytes", stats["input_bytes"]) / 1e6 / phase,
             "bin": f"{prefix}_text_document.bin"}
 

@@ -183,7 +183,8 @@ step_Beval() {
     >"$RES/console/heldout.txt" 2>&1
   log "held-out loss: exit $?"
   python3 benchmarks/scripts/tb_summary.py "$e/cpt-fp8" "$e/cpt-fp8-today" "$e/cpt-bf16" "$e/base" >"$RES/tb-summary.json" 2>/dev/null
-  python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/cpt-curves.json" --png "$RES/cpt-loss.png" --smooth 20 \
+  python3 benchmarks/scripts/tb_curves.py --tag "lm loss" --out "$RES/cpt-curves.json" --png "$RES/cpt-loss.png" \
+    --smooth 20 \
     --baseline cpt-bf16 "$e/cpt-bf16" "$e/cpt-fp8" "$e/cpt-fp8-today" >"$RES/cpt-final-loss.txt" \
     2>>"$RES/console/heldout.txt"
 }

@@ -89,8 +89,8 @@ def test_every_complete_checkpoint_of_the_run_and_its_decays(runs: tuple[Experim
     assert flag(picked.megatron_args, "--ckpt-step") == "200" and flag(picked.megatron_args, "--eval-iters") == "5"
 
 
-def test_a_run_that_kept_remainders_or_transposed_copies_on_demand_is_evaluated(exp_root: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_trained_with_remainders_and_transposes_on_demand_is_evaluated(
+        exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation builds BF16 parameters and loads no optimizer: the training's FP8-parameter options do not apply."""
     monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
     run = record("rem", sets=["precision.fp8_bf16_param_remainders=true", "precision.fp8_transpose_on_demand=true"])
