@@ -87,7 +87,7 @@ step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both 
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
     --variants bf16,fp8-prev,fp8-blockwise
 }
-step_ADP2() {  # data parallel 2 (TP 1) on both GPUs, before the lanes start: memory and time with nothing else there
+step_ADP2() {  # data parallel 2 (TP 1) on both GPUs, before lane A: memory clean, GPU 1 shared with the base model
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
     --variants bf16,fp8-blockwise,fp8-exact-rem
 }
@@ -245,11 +245,13 @@ step_run() {  # everything after the staging, as one background job
     for _ in $(seq 1 60); do [ -f "$RES/PREP_DONE" ] && break; sleep 3; done
     step_install
   fi
+  # lane B's base model (GPU 1, about 16 GiB) trains while DP 2 and TP 2 use both GPUs: their memory is clean, their
+  # times share GPU 1 with it; lane A starts when they are done
+  lane_B & local b=$!
   step_ADP2
   step_ATP2
-  lane_A & local a=$!
-  lane_B
-  wait $a
+  lane_A
+  wait $b
   touch "$RES/DONE"
   log "session done"
 }
