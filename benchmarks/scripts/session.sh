@@ -82,7 +82,8 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 # fp8-blockwise is the recipe as shipped (transposes on demand, the projection's BF16 input); fp8-prev as before
 step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
   --variants bf16,fp8-blockwise,fp8-exact-rem,fp8-lean-rem; }
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-prev,fp8-blockwise,fp8-exact-rem,fp8-lean-rem; }
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" \
+  --variants bf16,fp8-prev,fp8-blockwise,fp8-exact-rem,fp8-actblock,fp8-actblock-rem,fp8-lean-rem; }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
     --variants bf16,fp8-prev,fp8-blockwise
@@ -196,10 +197,10 @@ fidelity() {  # NAME VARIANTS [PARALLEL]: 500 steps of the tiny model on the tex
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # Fidelity from the base model (continual pre-training, the steady test: FP8 and BF16 ended 0.06 % apart there),
 # one seed per GPU: every FP8 option alone against BF16 and the recipe
-FIDCPT=bf16,fp8-blockwise,fp8-exact-rem,fp8-actstore,fp8-attn,fp8-qkvrope,fp8-lmhead
+FIDCPT=bf16,fp8-blockwise,fp8-exact-rem,fp8-actstore,fp8-actblock,fp8-attn,fp8-qkvrope,fp8-lmhead
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
-    --steps 500 --seed "$2" --parallel 7 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
+    --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
     --set schedule.min_lr=5e-5 --set schedule.warmup_iters=50 --set schedule.decay_iters=100 --loss-window 50
 }
 wait_for_base() {  # lane A waits for lane B's base model (DRY: no wait)

@@ -445,6 +445,9 @@ def test_fp8_only_options_need_fp8(exp_root):
                                "precision.fp8_bf16_param_remainders=true")
     for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_bf16_param_remainders"):
         assert "needs FP8 (precision.fp8 is null)" in one(problems, f"precision.{key}:")
+    assert "needs FP8" in one(config_problems("tiny", "precision.fp8=null",
+                                              "precision.fp8_activation_store_blockwise=true"),
+                              "precision.fp8_activation_store_blockwise:")
     # the memory options that change no arithmetic are not refused: they do nothing in BF16, and say so
     assert not [p for p in problems if "fp8_proj_bf16_input" in p or "fp8_transpose_on_demand" in p]
 
@@ -487,6 +490,17 @@ def test_bad_values_of_the_new_keys_name_what_is_valid(exp_root):
     assert "must be micro_batch or step" in one(problems, "logging.nan_check")
     assert "must be null, transformer_engine or local" in one(problems, "parallel.cuda_graph:")
     assert "must be attn or mlp" in one(problems, "parallel.cuda_graph_modules")
+
+
+def test_the_blockwise_swiglu_store_is_one_way_and_needs_megatrons_fused_swiglu(exp_root):
+    key = "precision.fp8_activation_store_blockwise"
+    assert "choose one way" in one(config_problems("tiny", f"{key}=true", "precision.fp8_activation_store=true"), key)
+    problem = one(config_problems("tiny", f"{key}=true", "megatron_extra_args=[--no-bias-swiglu-fusion]"), key)
+    assert "needs Megatron's fused SwiGLU, which --no-bias-swiglu-fusion" in problem
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true"]), no_gpu_probe())
+    assert "fp8_activation_store_blockwise" in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
+    argv = [a for group in plan.arg_groups for a in group.args]
+    assert "--no-bias-swiglu-fusion" not in argv and "--use-te-activation-func" not in argv
 
 
 def test_bf16_param_remainders_need_blockwise_fp8_weights_and_the_precision_aware_distributed_optimizer(exp_root):

@@ -266,6 +266,7 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
         fp8_output_layer=fp8 and p.fp8_output_layer,
         fp8_attention=fp8 and p.fp8_attention,
         fp8_activation_store=fp8 and p.fp8_activation_store,
+        fp8_activation_store_blockwise=fp8 and p.fp8_activation_store_blockwise,
         fp8_proj_original_input=proj,
         fp8_transpose_on_demand=tod,
         fp8_bf16_param_remainders=fp8 and p.fp8_bf16_param_remainders,

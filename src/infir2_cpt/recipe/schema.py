@@ -123,6 +123,10 @@ class PrecisionConfig:
     fp8_activation_store: bool = doc(
         "Keep the SwiGLU input (the widest activation) in FP8 for backward, quantized by Transformer Engine's "
         "SwiGLU with a per-tensor scale: saves memory, costs a little time.", default=False)
+    fp8_activation_store_blockwise: bool = doc(
+        "Keep the SwiGLU input in FP8 for backward with one scale per 128 values (the blockwise recipe's activation "
+        "tiles; infir2's SwiGLU), instead of fp8_activation_store's one scale per tensor. Forward unchanged; "
+        "backward reads the quantized copy. About half the memory of that activation.", default=False)
     fp8_proj_bf16_input: bool = doc(
         "The attention output projection keeps its BF16 input for backward (attention keeps it anyway) instead "
         "of an extra FP8 copy: saves memory, changes no arithmetic. No effect in BF16 (noted at launch).",

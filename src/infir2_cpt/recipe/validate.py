@@ -163,10 +163,20 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     # fp8_transpose_on_demand) apply where they can and are noted at launch where they cannot
     fp8_only = {"precision.fp8_output_layer": p.fp8_output_layer, "precision.fp8_attention": p.fp8_attention,
                 "precision.fp8_activation_store": p.fp8_activation_store,
+                "precision.fp8_activation_store_blockwise": p.fp8_activation_store_blockwise,
                 "precision.fp8_bf16_param_remainders": p.fp8_bf16_param_remainders}
     for key, on in fp8_only.items():
         if on and p.fp8 is None:
             out.add(key, "needs FP8 (precision.fp8 is null): set precision.fp8 or turn this off", True)
+    if p.fp8_activation_store_blockwise:
+        if p.fp8_activation_store:
+            out.add("precision.fp8_activation_store_blockwise", "choose one way to keep the SwiGLU input in FP8: this "
+                    "or precision.fp8_activation_store", True)
+        swiglu_flags = [a.split("=", 1)[0] for a in recipe.megatron_extra_args
+                        if a.split("=", 1)[0] in ("--no-bias-swiglu-fusion", "--use-te-activation-func")]
+        if swiglu_flags:
+            out.add("precision.fp8_activation_store_blockwise", f"needs Megatron's fused SwiGLU, which "
+                    f"{' and '.join(swiglu_flags)} in megatron_extra_args turn off", True)
     if p.fp8_output_layer and not m.untie_embeddings:
         out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
                 "share the input embedding's weight)", True)

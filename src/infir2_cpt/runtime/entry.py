@@ -14,7 +14,7 @@ import sys
 from functools import partial
 from typing import Any, Callable, Iterator
 
-from . import fp8_options, masters, optimizer_remainders, wgrad_fusion
+from . import fp8_options, masters, optimizer_remainders, swiglu_store, wgrad_fusion
 from .fp8_options import RuntimeOptions
 from .wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
 
@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | No
         _say("core attention in FP8 (delayed scaling, cuDNN fused attention) inside the blockwise layers")
     if options.fp8_transpose_on_demand:
         fp8_options.install_transpose_on_demand()
+    if options.fp8_activation_store_blockwise:  # before the model is built: Megatron's MLP calls it by name
+        swiglu_store.install()
+        _say("SwiGLU input kept for backward in FP8 with one scale per 128 values")
     if options.fp8_bf16_param_remainders:  # before Megatron builds its optimizer config
         optimizer_remainders.install_bf16_remainders()
         _say("BF16 parameters: BF16 + 16-bit remainder in Transformer Engine's fused Adam, no FP32 master copy")

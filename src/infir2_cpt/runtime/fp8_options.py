@@ -12,6 +12,8 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
 - fp8_activation_store: the SwiGLU input (the widest activation of a layer) kept in FP8 for the backward
   pass. With Transformer Engine's SwiGLU (the launcher adds --use-te-activation-func
   --no-bias-swiglu-fusion) it is quantized with a per-tensor current scale, so large values stay finite.
+- fp8_activation_store_blockwise: the same tensor kept in FP8 with one scale per 128 values, by infir2's SwiGLU
+  (swiglu_store.py) in place of Megatron's fused one; forward unchanged.
 - fp8_proj_original_input: the attention output projection keeps its BF16 input for backward (attention
   keeps that tensor anyway) instead of an extra FP8 copy.
 - fp8_transpose_on_demand: FP8 weights without a persistent transposed copy. Hopper's FP8 GEMMs read both
@@ -44,6 +46,7 @@ class RuntimeOptions:
     fp8_output_layer: bool = False
     fp8_attention: bool = False
     fp8_activation_store: bool = False
+    fp8_activation_store_blockwise: bool = False
     fp8_proj_original_input: bool = False
     fp8_transpose_on_demand: bool = False
     fp8_bf16_param_remainders: bool = False

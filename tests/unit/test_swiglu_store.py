@@ -1,0 +1,108 @@
+"""The SwiGLU input kept in blockwise FP8 for backward (runtime/swiglu_store.py): the quantization's error bound
+per 128-value tile, what autograd keeps, the gradients against exact SwiGLU, and Megatron's MLP calling it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infir2_cpt.runtime import swiglu_store
+from infir2_cpt.runtime.swiglu_store import BLOCK, dequantize_rows, make_swiglu_impl, quantize_blocks
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:  # the reference: SiLU of the first half times the second
+    a, b = torch.chunk(y, 2, -1)
+    return F.silu(a) * b
+
+
+def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y = y.detach().requires_grad_()
+    with torch.enable_grad():
+        out = swiglu(y)
+    (grad,) = torch.autograd.grad(out, y, g)
+    return grad
+
+
+def test_each_tile_of_128_keeps_its_own_scale_within_e4m3s_rounding() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4 * BLOCK)
+    x[3, 5] = 3e4  # an outlier costs only its own tile its precision
+    x[7, BLOCK:2 * BLOCK] = 0  # an all-zero tile
+    data, factors = quantize_blocks(x)
+    assert data.dtype == torch.float8_e4m3fn and data.shape == x.shape
+    assert factors.dtype == torch.float32 and factors.shape == (64, 4)
+    back = dequantize_rows(data, factors, 0, 64, torch.float32)
+    tiles, back_tiles = x.view(64, 4, BLOCK), back.view(64, 4, BLOCK)
+    amax = tiles.abs().amax(-1)
+    # E4M3 keeps 3 mantissa bits: every value within 1/16 of its tile's largest, the largest itself (448) to FP32
+    assert ((back_tiles - tiles).abs().amax(-1) <= amax / 16).all()
+    assert torch.allclose(back_tiles.abs().amax(-1), amax, rtol=1e-6, atol=0)
+    assert torch.equal(back[7, BLOCK:2 * BLOCK], torch.zeros(BLOCK)) and factors[7, 1] == 1
+    # the outlier's neighbours in other tiles stay as precise as without it
+    other = (back[3, BLOCK:] - x[3, BLOCK:]).abs() / x[3, BLOCK:].abs().clamp(min=1e-3)
+    assert other.median() < 0.05
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_blocks(torch.zeros(2, 100))
+
+
+def test_chunks_give_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(50, 2 * BLOCK, dtype=torch.bfloat16)
+    whole = quantize_blocks(x)
+    monkeypatch.setattr(swiglu_store, "CHUNK_ELEMENTS", 3 * 2 * BLOCK)  # 3 rows at a time, a short last chunk
+    chunked = quantize_blocks(x)
+    assert torch.equal(whole[0].view(torch.uint8), chunked[0].view(torch.uint8))
+    assert torch.equal(whole[1], chunked[1])
+
+
+def test_forward_is_swiglu_and_backward_reads_the_quantized_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swiglu_store, "CHUNK_ELEMENTS", 7 * 4 * BLOCK)
+    torch.manual_seed(1)
+    impl = make_swiglu_impl(swiglu, swiglu_back)
+    x = torch.randn(3, 10, 4 * BLOCK, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 10, 2 * BLOCK, dtype=torch.bfloat16)
+    packed: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = impl(x, None)
+    assert out.shape == (3, 10, 2 * BLOCK) and torch.equal(out, swiglu(x))  # forward: the BF16 arithmetic
+    assert {t.dtype for t in packed} == {torch.float8_e4m3fn, torch.float32}  # no BF16 copy of the input kept
+    kept = sum(t.numel() * t.element_size() for t in packed)
+    assert kept == x.numel() * (1 + 4 / BLOCK)  # against 2 bytes per value in BF16
+    out.backward(g)
+    data, factors = quantize_blocks(x.detach().view(30, -1))
+    expected = swiglu_back(g.view(30, -1), dequantize_rows(data, factors, 0, 30, torch.bfloat16)).view_as(x)
+    assert torch.equal(x.grad, expected)
+    exact = swiglu_back(g, x.detach())
+    assert (x.grad.float() - exact.float()).norm() / exact.float().norm() < 0.05
+
+
+def test_a_bias_is_added_before_and_gets_its_gradient() -> None:
+    impl = make_swiglu_impl(swiglu, swiglu_back)
+    x = torch.randn(6, 2 * BLOCK, requires_grad=True)
+    bias = torch.randn(2 * BLOCK, requires_grad=True)
+    impl(x, bias).sum().backward()
+    assert bias.grad is not None and torch.allclose(bias.grad, x.grad.sum(0))
+    with pytest.raises(ValueError, match="2 or 3 dimensions"):
+        impl(torch.zeros(2 * BLOCK), None)
+
+
+def test_megatrons_mlp_calls_it_with_megatrons_own_swiglu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLP calls bias_swiglu_impl by the name it imported; with the option that name is ours, built on
+    megatron.core's swiglu and swiglu_back (same forward bits as the fused original)."""
+    import megatron.core.transformer.mlp as mlp
+    from megatron.core.fusions import fused_bias_swiglu
+
+    monkeypatch.setattr(mlp, "bias_swiglu_impl", mlp.bias_swiglu_impl)  # restored after the test
+    swiglu_store.install()
+    swiglu_store.install()  # once only
+    ours = mlp.bias_swiglu_impl
+    assert getattr(ours, "__infir2_blockwise_store__", False)
+    x = torch.randn(4, 2, 2 * BLOCK, dtype=torch.bfloat16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = ours(x, None, False, False)
+    ref = fused_bias_swiglu.bias_swiglu_impl(x_ref, None, False, False)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert (x.grad.float() - x_ref.grad.float()).norm() / x_ref.grad.float().norm() < 0.05
