@@ -81,7 +81,7 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 # ---- lane A (GPU 0; DP 2 uses both): speed and memory
 # fp8-blockwise is the recipe as shipped (transposes on demand, the projection's BF16 input); fp8-prev as before
 step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
-  --variants bf16,fp8-blockwise,fp8-exact-rem,fp8-lean-rem; }
+  --variants bf16,fp8-blockwise,fp8-exact-rem,fp8-actblock,fp8-actblock-rem; }  # SwiGLU inputs: ~7 GiB at 1.5B mbs 2
 step_A7() { bench b7 "${S7[@]}" "${Q[@]}" \
   --variants bf16,fp8-prev,fp8-blockwise,fp8-exact-rem,fp8-actblock,fp8-actblock-rem,fp8-lean-rem; }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
