@@ -76,6 +76,15 @@ def test_forward_is_swiglu_and_backward_reads_the_quantized_input(monkeypatch: p
     assert (x.grad.float() - exact.float()).norm() / exact.float().norm() < 0.05
 
 
+def test_without_a_backward_to_come_nothing_is_quantized(monkeypatch: pytest.MonkeyPatch) -> None:
+    impl = make_swiglu_impl(swiglu, swiglu_back)
+    monkeypatch.setattr(swiglu_store, "quantize_blocks", lambda x: pytest.fail("quantized for no backward"))
+    x = torch.randn(4, 2 * BLOCK, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(impl(x, None), swiglu(x))
+    assert torch.equal(impl(x.detach(), None), swiglu(x.detach()))
+
+
 def test_a_bias_is_added_before_and_gets_its_gradient() -> None:
     impl = make_swiglu_impl(swiglu, swiglu_back)
     x = torch.randn(6, 2 * BLOCK, requires_grad=True)

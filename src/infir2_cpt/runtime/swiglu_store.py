@@ -90,7 +90,10 @@ def make_swiglu_impl(swiglu: Callable[[torch.Tensor], torch.Tensor],
         flat = input.reshape(-1, shape[-1])
         if bias is not None:  # autograd takes the bias's gradient through the addition
             flat = flat + bias
-        out = BlockwiseStoreSwiGLU.apply(flat, swiglu, swiglu_back)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            out = BlockwiseStoreSwiGLU.apply(flat, swiglu, swiglu_back)
+        else:  # evaluation: nothing is kept for a backward pass, so nothing to quantize
+            out = swiglu(flat)
         return out if len(shape) == 2 else out.view(shape[0], shape[1], -1)
 
     bias_swiglu_impl.__infir2_blockwise_store__ = True  # type: ignore[attr-defined]
