@@ -23,9 +23,8 @@ E4M3_MAX = 448.0
 CHUNK_ELEMENTS = 1 << 24  # FP32 temporaries of at most 64 MiB while quantizing or dequantizing
 
 
-def _row_chunks(rows: int, width: int) -> range:
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
-    return range(0, rows, step)
+def _rows_per_chunk(width: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(width, 1))
 
 
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +35,7 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"the last dimension ({width}) must be a multiple of {BLOCK}")
     data = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
     factors = torch.empty((rows, width // BLOCK), dtype=torch.float32, device=x.device)
-    step = _row_chunks(rows, width).step
+    step = _rows_per_chunk(width)
     for start in range(0, rows, step):
         tiles = x[start:start + step].float().view(-1, width // BLOCK, BLOCK)
         amax = tiles.abs().amax(dim=-1, keepdim=True)
@@ -70,7 +69,7 @@ class BlockwiseStoreSwiGLU(torch.autograd.Function):
         data, factors = ctx.saved_tensors
         rows, width = data.shape
         grad_x = torch.empty((rows, width), dtype=grad.dtype, device=grad.device)
-        step = _row_chunks(rows, width).step
+        step = _rows_per_chunk(width)
         for start in range(0, rows, step):
             x = dequantize_rows(data, factors, start, start + step, ctx.dtype)
             grad_x[start:start + step] = ctx.swiglu_back(grad[start:start + step], x)
