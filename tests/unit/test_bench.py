@@ -245,6 +245,7 @@ def test_fidelity_from_a_trained_model_loads_it_in_every_variant(exp_root, tmp_p
         (base / "iter_0001000" / name).write_bytes(b"")
     plan = _plan(exp_root, recipe="tiny", fidelity=True, data=str(prefix), tokenizer=str(tmp_path),
                  sets=[f"checkpoint.pretrained={base}"])
+    assert not [w for w in plan.warnings if w.key == "--fidelity"]
     for vp in plan.variants:
         argv = vp.launch.megatron_args
         assert _value(argv, "--pretrained-checkpoint") == str(base) and "--save" not in argv
@@ -259,7 +260,8 @@ def test_fidelity_over_seeds_runs_each_variant_once_per_seed_and_checks_the_seed
     plan = _plan(exp_root, recipe="tiny", seeds=["3", "4", "5"], **data)
     assert [vp.name for vp in plan.variants] == [f"{v}.seed{s}" for s in (3, 4, 5) for v in ("bf16", "fp8-blockwise")]
     assert [_value(vp.launch.megatron_args, "--seed") for vp in plan.variants] == ["3", "3", "4", "4", "5", "5"]
-    assert not plan.warnings  # the baseline bf16 is among the runs, under its seeds' names
+    assert not [w for w in plan.warnings if w.key == "--baseline"]  # bf16 is among the runs, under its seeds' names
+    assert [w.key for w in plan.warnings] == ["--fidelity"]  # from random weights: the drift is said
     for seeds, extra, message in ((["3", "x"], {}, "must be non-negative integers"),
                                   (["3"], {}, "needs two or more different seeds"),
                                   (["3", "3"], {}, "needs two or more different seeds"),

@@ -362,6 +362,10 @@ def plan_bench(req: BenchRequest, env: Optional[LaunchEnv] = None) -> BenchPlan:
     if req.baseline not in [seeded_from(v.name)[0] for v in variants]:
         warnings.append(Problem("--baseline", f"'{req.baseline}' is not among the variants run: no ratios",
                                 req.baseline))
+    if req.fidelity and "checkpoint.pretrained" not in _user_keys(req.sets):
+        warnings.append(Problem("--fidelity", "from random weights, two runs of the same arithmetic drifted 1-2 % "
+                                "apart in 500 steps of the tiny recipe, more than the 0.5 % target: start every "
+                                "variant from a trained model with --set checkpoint.pretrained=DIR (docs/bench.md)"))
     if req.memory_snapshot:
         warnings.append(Problem("--memory-snapshot", "recording the allocator's history slows every iteration (a "
                                 "Python stack per allocation, a snapshot written per logged iteration): compare "
