@@ -5,8 +5,12 @@
 #                                             # with the Qwen tokenizer (needs w/ staged: megatron-core)
 #   bash benchmarks/scripts/session.sh start         # (after the last staging call) install, then both lanes, in the background
 #   bash benchmarks/scripts/session.sh poll 540      # wait up to 540 s (or until done), then pack results into $OUT
-# Staging: the tree, one .gpu-stage part and .gpu-data together pass the 64 MiB upload limit: carry .gpu-data in a
-# call of its own (prepbg's), after the six parts. A call that starts a job must not be refused: check the sizes.
+# Staging, each call's upload under 64 MiB (the tree is about 5.5 MB, each .gpu-stage/cN 46 MB), back to back:
+#   call 1 carries .gpu-stage/w .gpu-stage/c1 .gpu-data/wheels:        session.sh stage
+#   call 2 carries .gpu-stage/c2 .gpu-data/qwen-tokenizer:             session.sh stage prepbg
+#   calls 3-5 carry .gpu-stage/c3 .. c5:                               session.sh stage
+#   call 6 carries .gpu-stage/c6:                                      session.sh stage start poll 480
+# `stage` copies what a call carried to /tmp/gpu-stage and /tmp/gpu-data, where later steps look for it.
 # Lanes: GPU 0 times benches (7B shape, DP 2 memory on both GPUs, 1.5B); GPU 1 runs several tiny-model jobs at
 # once: the stop proof, the fidelity runs, the base model, its decays and `infir2 eval`, the master-weight proof,
 # the CPT comparison and the held-out evaluations. Each step logs one line to $W/res/steps.txt; results go to $W/res.
@@ -16,6 +20,7 @@ W=${W:-/tmp/w}
 RES=$W/res
 DATA=$W/data
 TOK=${TOK:-$W/qwen-tokenizer}
+GD=${GD:-/tmp/gpu-data}  # the staged tokenizer and wheels (step stage)
 export INFIR2_EXP_ROOT=$W/exp PYTHONUNBUFFERED=1 PATH="$HOME/.local/bin:$PATH"
 mkdir -p "$RES" "$DATA" "$INFIR2_EXP_ROOT" "$RES/console"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RES/steps.txt"; }
@@ -42,7 +47,7 @@ step_prep() {
   log "prep: megatron-core and infir2 (no TE yet), text, prepare-data"
   python3 -m pip install -q --no-index --no-deps --no-compile /tmp/gpu-stage/w/megatron_core-*.whl >/dev/null 2>&1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-  cp -r .gpu-data/qwen-tokenizer "$TOK" 2>/dev/null
+  cp -r "$GD/qwen-tokenizer" "$TOK" 2>/dev/null
   python3 benchmarks/scripts/gather_text.py --out "$DATA" --train-mb 200 --heldout-percent 2 \
     /opt/torch/.venv/lib/python3.12/site-packages /usr/lib/python3* >"$RES/console/gather.txt" 2>&1
   for split in train heldout; do
@@ -51,7 +56,7 @@ step_prep() {
   done
   log "prep: $(cat "$DATA/gather.json" 2>/dev/null) $(ls "$DATA" | tr '\n' ' ')"
   # prepare-data against the tokenizer's own speed on this host's CPUs, while they are idle (before the build)
-  python3 -m pip install -q --no-index --no-deps .gpu-data/wheels/zstandard-*.whl >/dev/null 2>&1
+  python3 -m pip install -q --no-index --no-deps "$GD"/wheels/zstandard-*.whl >/dev/null 2>&1
   python3 benchmarks/scripts/prepare_data_speed.py --input "$DATA/train.jsonl" --tokenizer "$TOK" \
     --workers 1,8,16 --per-worker-mb 12 --out "$RES/prepare_data_speed" >"$RES/console/prepare_data_speed.txt" 2>&1
   log "prepare-data speed: exit $?"
@@ -258,7 +263,14 @@ step_run() {  # everything after the staging, as one background job
 
 copy_tree() {  # the jobs run from a copy: each device call lays the uploaded tree anew under them
   [ -d "$W/src" ] && return 0
-  mkdir -p "$W/src" && tar --exclude=./.gpu-stage -cf - . | tar -xf - -C "$W/src"
+  mkdir -p "$W/src" && tar --exclude=./.gpu-stage --exclude=./.gpu-data -cf - . | tar -xf - -C "$W/src"
+}
+
+step_stage() {  # what this call carried (parts of .gpu-stage, .gpu-data) to where the steps look for it
+  mkdir -p /tmp/gpu-stage "$GD"
+  [ -d .gpu-stage ] && cp -r .gpu-stage/. /tmp/gpu-stage/
+  [ -d .gpu-data ] && cp -r .gpu-data/. "$GD"/
+  ls /tmp/gpu-stage "$GD"
 }
 
 step_prepbg() {  # prep in the background (the staging calls go on meanwhile)
