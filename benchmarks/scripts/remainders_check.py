@@ -84,12 +84,6 @@ def rounding_holds(dump: dict, te_rounding: bool) -> int:
     return bad
 
 
-def loss_table(log_dir: Path) -> dict[int, float]:
-    from infir2_cpt.reports.runlog import read_logs
-
-    return {it.iteration: it.loss for it in read_logs(log_dir).iterations if it.loss is not None}
-
-
 def check(results: dict[str, Any], name: str, ok: bool, detail: Any) -> None:
     results.setdefault("checks", []).append({"check": name, "pass": bool(ok), "detail": detail})
     print(f"{'pass' if ok else 'FAIL'}  {name}: {detail}", flush=True)
