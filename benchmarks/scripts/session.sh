@@ -4,6 +4,7 @@
 #   bash benchmarks/scripts/session.sh prepbg        # CPU only, in the background: text gathered on the host, prepared
 #                                             # with the Qwen tokenizer (needs w/ staged: megatron-core)
 #   bash benchmarks/scripts/session.sh start         # (after the last staging call) install, then both lanes, in the background
+#                                             # (PLAN=run1: the one-GPU plan, for nvidia-h200)
 #   bash benchmarks/scripts/session.sh poll 540      # wait up to 540 s (or until done), then pack results into $OUT
 # Staging, each call's upload under 64 MiB (the tree is about 5.5 MB, each .gpu-stage/cN 46 MB), back to back:
 #   call 1 carries .gpu-stage/w .gpu-stage/c1 .gpu-data/wheels:        session.sh stage
@@ -261,6 +262,26 @@ step_run() {  # everything after the staging, as one background job
   log "session done"
 }
 
+# One GPU (nvidia-h200): the same measurements one after the other, none sharing the GPU with another.
+# Speed and memory first (the FP8 recipe and infir2's SwiGLU store at both shapes), then the base model and the
+# fidelity from it of every option that changes arithmetic; the remainders at 7B last, if time is left.
+FIDCPT1=bf16,fp8-blockwise,fp8-actblock,fp8-attn,fp8-lmhead
+step_run1() {
+  if [ -z "${DRY:-}" ]; then
+    for _ in $(seq 1 60); do [ -f "$RES/PREP_DONE" ] && break; sleep 3; done
+    step_install
+  fi
+  export CUDA_VISIBLE_DEVICES=0
+  bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-actblock
+  bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" --variants bf16,fp8-blockwise,fp8-actblock
+  step_Bbase
+  touch "$RES/BASE_DONE"
+  FIDCPT=$FIDCPT1 fidcpt fidcpt-1236 1236
+  bench b7-rem "${S7[@]}" "${Q[@]}" --variants fp8-actblock-rem,fp8-exact-rem
+  touch "$RES/DONE"
+  log "session done"
+}
+
 copy_tree() {  # the jobs run from a copy: each device call lays the uploaded tree anew under them
   [ -d "$W/src" ] && return 0
   mkdir -p "$W/src" && tar --exclude=./.gpu-stage --exclude=./.gpu-data -cf - . | tar -xf - -C "$W/src"
@@ -281,7 +302,7 @@ step_prepbg() {  # prep in the background (the staging calls go on meanwhile)
 
 step_start() {
   copy_tree
-  (cd "$W/src" && setsid nohup bash benchmarks/scripts/session.sh run >"$RES/console/session.txt" 2>&1 &)
+  (cd "$W/src" && setsid nohup bash benchmarks/scripts/session.sh "${PLAN:-run}" >"$RES/console/session.txt" 2>&1 &)
   log "started in $W/src"
 }
 
