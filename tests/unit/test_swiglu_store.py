@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from infir2_cpt.runtime import swiglu_store
-from infir2_cpt.runtime.swiglu_store import BLOCK, dequantize_rows, make_swiglu_impl, quantize_blocks
+from infir2_cpt.runtime.swiglu_store import BLOCK, dequantize_tiles, make_swiglu_impl, quantize_blocks
 
 
 def swiglu(y: torch.Tensor) -> torch.Tensor:  # the reference: SiLU of the first half times the second
@@ -32,7 +32,7 @@ def test_each_tile_of_128_keeps_its_own_scale_within_e4m3s_rounding() -> None:
     data, factors = quantize_blocks(x)
     assert data.dtype == torch.float8_e4m3fn and data.shape == x.shape
     assert factors.dtype == torch.float32 and factors.shape == (64, 4)
-    back = dequantize_rows(data, factors, 0, 64, torch.float32)
+    back = dequantize_tiles(data, factors, torch.float32)
     tiles, back_tiles = x.view(64, 4, BLOCK), back.view(64, 4, BLOCK)
     amax = tiles.abs().amax(-1)
     # E4M3 keeps 3 mantissa bits: every value within 1/16 of its tile's largest, the largest itself (448) to FP32
@@ -55,6 +55,44 @@ def test_chunks_give_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(whole[1], chunked[1])
 
 
+def test_dequantizing_to_bf16_rounds_as_a_cast_does() -> None:
+    """The integer rounding (which a compiled kernel cannot skip) is the cast's round-to-nearest-even."""
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(40, 4 * BLOCK) * s for s in (1e-3, 1.0, 50.0)]).to(torch.bfloat16)
+    data, factors = quantize_blocks(x)
+    exact = (data.float().view(120, 4, BLOCK) * factors.unsqueeze(-1)).view(120, -1)
+    assert torch.equal(dequantize_tiles(data, factors, torch.bfloat16), exact.to(torch.bfloat16))
+    halfway = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.0]).view(torch.int32)
+    assert torch.equal(swiglu_store._round_to_bf16(halfway.view(torch.float32)),
+                       halfway.view(torch.float32).to(torch.bfloat16).float())
+
+
+def test_the_compiled_kernels_give_the_eager_bytes_with_megatrons_swiglu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU quantizing and SwiGLU's backward are compiled (torch.compile, one kernel each); compiled here on the
+    CPU, they must give the chunked eager path's bytes, Megatron's compiled swiglu_back included."""
+    from megatron.core.fusions.fused_bias_swiglu import swiglu as mswiglu, swiglu_back as mswiglu_back
+
+    torch.manual_seed(3)
+    x = (torch.randn(96, 6 * BLOCK) * 3).to(torch.bfloat16).requires_grad_()
+    with torch.no_grad():
+        x[5, 7] = 3e4
+    g = torch.randn(96, 3 * BLOCK, dtype=torch.bfloat16)
+    impl = make_swiglu_impl(mswiglu, mswiglu_back)
+    monkeypatch.setattr(swiglu_store, "CHUNK_ELEMENTS", 10 * 6 * BLOCK)
+    eager_q = quantize_blocks(x.detach())
+    out = impl(x, None)
+    out.backward(g)
+    eager_grad = x.grad
+    x.grad = None
+    monkeypatch.setattr(swiglu_store, "COMPILED_DEVICE_TYPES", ("cpu",))
+    compiled_q = quantize_blocks(x.detach())
+    assert torch.equal(eager_q[0].view(torch.uint8), compiled_q[0].view(torch.uint8))
+    assert torch.equal(eager_q[1], compiled_q[1])
+    out = impl(x, None)
+    out.backward(g)
+    assert torch.equal(x.grad, eager_grad)
+
+
 def test_forward_is_swiglu_and_backward_reads_the_quantized_input(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swiglu_store, "CHUNK_ELEMENTS", 7 * 4 * BLOCK)
     torch.manual_seed(1)
@@ -70,7 +108,7 @@ def test_forward_is_swiglu_and_backward_reads_the_quantized_input(monkeypatch: p
     assert kept == x.numel() * (1 + 4 / BLOCK)  # against 2 bytes per value in BF16
     out.backward(g)
     data, factors = quantize_blocks(x.detach().view(30, -1))
-    expected = swiglu_back(g.view(30, -1), dequantize_rows(data, factors, 0, 30, torch.bfloat16)).view_as(x)
+    expected = swiglu_back(g.view(30, -1), dequantize_tiles(data, factors, torch.bfloat16)).view_as(x)
     assert torch.equal(x.grad, expected)
     exact = swiglu_back(g, x.detach())
     assert (x.grad.float() - exact.float()).norm() / exact.float().norm() < 0.05

@@ -8,49 +8,103 @@ inputs: E4M3 in tiles of 128 consecutive values along the feature dimension, eac
 (amax -> 448). The forward pass computes SwiGLU from the BF16 input as Megatron does, so forward activations are
 unchanged; only backward reads the quantized copy. 1 byte + 4/128 bytes per element instead of 2.
 
-Plain torch (torch.float8_e4m3fn), so it runs wherever torch does; quantizing and dequantizing go in chunks of rows
-so that their FP32 temporaries stay small next to the activations they replace.
+On a GPU, quantizing (forward) and dequantizing with SwiGLU's backward are each one kernel compiled by
+torch.compile, as Megatron compiles its own SwiGLU: the input is read once, and no FP32 temporaries are made. Elsewhere
+the same functions run eagerly in chunks of rows, so that their FP32 temporaries stay small. Both give the same bytes.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
 
 BLOCK = 128  # values per scale, along the last dimension: the blockwise recipe's activation tile
 E4M3_MAX = 448.0
-CHUNK_ELEMENTS = 1 << 24  # FP32 temporaries of at most 64 MiB while quantizing or dequantizing
+CHUNK_ELEMENTS = 1 << 24  # eager: FP32 temporaries of at most 64 MiB while quantizing or dequantizing
+COMPILED_DEVICE_TYPES = ("cuda",)  # where the compiled kernels run (tests add "cpu")
+
+SwiGLUBack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _rows_per_chunk(width: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(width, 1))
 
 
-def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (rows, n), n a multiple of 128 -> E4M3 data (rows, n) and the FP32 factor that gives each tile back
-    (rows, n / 128): x ~= data * factor. An all-zero tile gets factor 1."""
-    rows, width = x.shape
+def _check_width(width: int) -> None:
     if width % BLOCK:
         raise ValueError(f"the last dimension ({width}) must be a multiple of {BLOCK}")
+
+
+def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, n) -> E4M3 data (rows, n) and the FP32 factor that gives each tile of 128 back (rows, n / 128):
+    x ~= data * factor. An all-zero tile gets factor 1."""
+    rows, width = x.shape
+    tiles = x.float().view(rows, width // BLOCK, BLOCK)
+    amax = tiles.abs().amax(dim=-1, keepdim=True)
+    factor = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (tiles / factor).view(rows, width).to(torch.float8_e4m3fn), factor.squeeze(-1)
+
+
+def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """FP32 rounded to the nearest BF16 (ties to even), still FP32. Written in integers so that a compiled kernel
+    cannot skip the rounding, as it may skip a cast to BF16 and back inside one kernel."""
+    bits = x.view(torch.int32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.view(torch.float32)
+
+
+def dequantize_tiles(data: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The quantized rows back in dtype."""
+    rows, width = data.shape
+    x = (data.float().view(rows, width // BLOCK, BLOCK) * factors.unsqueeze(-1)).view(rows, width)
+    return (_round_to_bf16(x) if dtype == torch.bfloat16 else x).to(dtype)
+
+
+def _compiled(x: torch.Tensor) -> bool:
+    return x.device.type in COMPILED_DEVICE_TYPES
+
+
+@functools.cache
+def _compiled_quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return torch.compile(quantize_tiles)
+
+
+@functools.cache
+def _compiled_backward(swiglu_back: SwiGLUBack) -> Callable[..., torch.Tensor]:
+    def backward(grad: torch.Tensor, data: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return swiglu_back(grad, dequantize_tiles(data, factors, dtype))
+
+    return torch.compile(backward)
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, n), n a multiple of 128 -> (data, factors) as quantize_tiles gives them, compiled or in chunks."""
+    rows, width = x.shape
+    _check_width(width)
+    if _compiled(x):
+        return _compiled_quantize()(x)
     data = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
     factors = torch.empty((rows, width // BLOCK), dtype=torch.float32, device=x.device)
     step = _rows_per_chunk(width)
     for start in range(0, rows, step):
-        tiles = x[start:start + step].float().view(-1, width // BLOCK, BLOCK)
-        amax = tiles.abs().amax(dim=-1, keepdim=True)
-        factor = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-        data[start:start + step] = (tiles / factor).view(-1, width).to(torch.float8_e4m3fn)
-        factors[start:start + step] = factor.squeeze(-1)
+        data[start:start + step], factors[start:start + step] = quantize_tiles(x[start:start + step])
     return data, factors
 
 
-def dequantize_rows(data: torch.Tensor, factors: torch.Tensor, start: int, stop: int, dtype: torch.dtype
-                    ) -> torch.Tensor:
-    """Rows start:stop of a quantized tensor, back in dtype."""
-    width = data.shape[1]
-    tiles = data[start:stop].float().view(-1, width // BLOCK, BLOCK) * factors[start:stop].unsqueeze(-1)
-    return tiles.view(-1, width).to(dtype)
+def swiglu_back_quantized(swiglu_back: SwiGLUBack, grad: torch.Tensor, data: torch.Tensor, factors: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """swiglu_back(grad, the input dequantized to dtype), compiled into one kernel or in chunks of rows."""
+    if _compiled(data):
+        return _compiled_backward(swiglu_back)(grad, data, factors, dtype)
+    rows, width = data.shape
+    grad_x = torch.empty((rows, width), dtype=grad.dtype, device=grad.device)
+    step = _rows_per_chunk(width)
+    for start in range(0, rows, step):
+        rows_x = dequantize_tiles(data[start:start + step], factors[start:start + step], dtype)
+        grad_x[start:start + step] = swiglu_back(grad[start:start + step], rows_x)
+    return grad_x
 
 
 class BlockwiseStoreSwiGLU(torch.autograd.Function):
@@ -67,13 +121,7 @@ class BlockwiseStoreSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         data, factors = ctx.saved_tensors
-        rows, width = data.shape
-        grad_x = torch.empty((rows, width), dtype=grad.dtype, device=grad.device)
-        step = _rows_per_chunk(width)
-        for start in range(0, rows, step):
-            x = dequantize_rows(data, factors, start, start + step, ctx.dtype)
-            grad_x[start:start + step] = ctx.swiglu_back(grad[start:start + step], x)
-        return grad_x, None, None
+        return swiglu_back_quantized(ctx.swiglu_back, grad.contiguous(), data, factors, ctx.dtype), None, None
 
 
 def make_swiglu_impl(swiglu: Callable[[torch.Tensor], torch.Tensor],
