@@ -471,6 +471,14 @@ def test_the_exact_memory_options_apply_where_they_can_and_the_launch_says_where
         assert ("fp8_proj_original_input" in options) == (sets != ("precision.fp8=null",))
 
 
+def test_fp8_attention_is_launched_with_a_word_on_its_fidelity(exp_root):
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_attention=true"]), no_gpu_probe())
+    assert [n for n in plan.notes if n.startswith("precision.fp8_attention diverged")]
+    assert "fp8_attention" in plan.env["INFIR2_RUNTIME_OPTIONS"]
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
+    assert not [n for n in plan.notes if n.startswith("precision.fp8_attention")]
+
+
 def test_fp8_output_layer_needs_untied_embeddings(exp_root):
     problem = one(config_problems("1.5b", "precision.fp8_output_layer=true"), "precision.fp8_output_layer")
     assert "untie_embeddings" in problem

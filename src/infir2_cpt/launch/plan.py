@@ -388,6 +388,10 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
     findings.extend(check_disk_space(recipe, paths, notes, start.start_iteration, start.schedule.train_iters))
     check_megatron_flags([*recipe.megatron_extra_args, *req.extra_args], findings, notes)
     notes.extend(exact_fp8_memory_options(recipe)[2])
+    if recipe.precision.fp8 and recipe.precision.fp8_attention:
+        notes.append("precision.fp8_attention diverged in continual pre-training from a base model in infir2's "
+                     "fidelity test (docs/fp8.md, 'Measuring fidelity'): measure it on your model with "
+                     "`infir2 bench --fidelity` before a long run")
     if req.check_gpu and env.gpu_check:
         findings.extend(check_gpu(recipe.launch.nproc_per_node, recipe.precision.fp8))
     worker_env, env_report = resolve_env(recipe, env.variables)

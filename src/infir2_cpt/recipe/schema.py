@@ -116,17 +116,20 @@ class PrecisionConfig:
     first_last_layers_bf16: bool = doc("Keep the first and last transformer layers in BF16.", default=False)
     fp8_output_layer: bool = doc(
         "Run the LM head's GEMMs (logits and both gradients) in FP8 with the run's recipe; its weight stays "
-        "BF16 with an FP32 master. Untied embeddings only.", default=False)
+        "BF16 with an FP32 master. Untied embeddings only. Held BF16's loss within 0.1 % from a base model "
+        "(docs/fp8.md).", default=False)
     fp8_attention: bool = doc(
         "Run core attention in FP8 (cuDNN fused attention, delayed scaling: E4M3 forward, E5M2 backward) inside "
-        "the FP8 layers. Hopper or newer, head dim 128, sequence length a multiple of 128.", default=False)
+        "the FP8 layers. Hopper or newer, head dim 128, sequence length a multiple of 128. Diverged in continual "
+        "pre-training from a base model (docs/fp8.md): experimental.", default=False)
     fp8_activation_store: bool = doc(
         "Keep the SwiGLU input (the widest activation) in FP8 for backward, quantized by Transformer Engine's "
         "SwiGLU with a per-tensor scale: saves memory, costs a little time.", default=False)
     fp8_activation_store_blockwise: bool = doc(
         "Keep the SwiGLU input in FP8 for backward with one scale per 128 values (the blockwise recipe's activation "
         "tiles; infir2's SwiGLU), instead of fp8_activation_store's one scale per tensor. Forward unchanged; "
-        "backward reads the quantized copy. About half the memory of that activation.", default=False)
+        "backward reads the quantized copy, one compiled kernel each way on a GPU. About half the memory of that "
+        "activation; held BF16's loss within 0.1 % from a base model (docs/fp8.md).", default=False)
     fp8_proj_bf16_input: bool = doc(
         "The attention output projection keeps its BF16 input for backward (attention keeps it anyway) instead "
         "of an extra FP8 copy: saves memory, changes no arithmetic. No effect in BF16 (noted at launch).",
