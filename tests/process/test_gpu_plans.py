@@ -51,3 +51,16 @@ def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None
     consoles = tmp_path / "w" / "res" / "console"
     assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
     assert "session done" in steps
+
+
+def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
+    """session.sh run1 (nvidia-h200): every infir2 command of the one-GPU plan, dry."""
+    env = {**os.environ, "DRY": "1", "W": str(tmp_path / "w"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run1"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
+    exits = dict(re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps))
+    assert exits == {"b7": "0", "b15": "0", "base": "0", "fidcpt-1236": "0"}, steps
+    assert "session done" in steps
