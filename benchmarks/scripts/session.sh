@@ -100,6 +100,17 @@ step_ADP2() {  # data parallel 2 (TP 1) on both GPUs, before lane A: memory clea
     --variants bf16,fp8-blockwise,fp8-next-rem
 }
 
+step_swiglu_check() {  # one SwiGLU call of the 7B and the 1.5B shape: compiled against eager, each against Megatron's
+  log "swiglu store check"
+  if [ -n "${DRY:-}" ]; then python3 benchmarks/scripts/swiglu_store_check.py --help >/dev/null; log "swiglu store check: dry $?"; return; fi
+  python3 benchmarks/scripts/swiglu_store_check.py --out "$RES/swiglu-7b" --rows 8192 --ffn 18944 \
+    >"$RES/console/swiglu-7b.txt" 2>&1
+  log "swiglu store check 7b: exit $?"
+  python3 benchmarks/scripts/swiglu_store_check.py --out "$RES/swiglu-1.5b" --rows 16384 --ffn 8960 \
+    >"$RES/console/swiglu-1.5b.txt" 2>&1
+  log "swiglu store check 1.5b: exit $?"
+}
+
 # ---- lane B (GPU 1)
 step_Bstop() {
   log "stop proof"
@@ -225,6 +236,7 @@ step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes p
 }
 
 lane_A() {  # the shipped recipe and remainders at 1 GPU (7B shape, 1.5B), then one seed of the fidelity from base
+  CUDA_VISIBLE_DEVICES=0 step_swiglu_check
   CUDA_VISIBLE_DEVICES=0 step_A7
   CUDA_VISIBLE_DEVICES=0 step_A15
   wait_for_base
@@ -274,6 +286,7 @@ step_run1() {
     step_install
   fi
   export CUDA_VISIBLE_DEVICES=0
+  step_swiglu_check
   step_A7
   step_A15
   step_Bbase

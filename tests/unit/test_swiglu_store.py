@@ -153,3 +153,23 @@ def test_megatrons_mlp_calls_it_with_megatrons_own_swiglu(monkeypatch: pytest.Mo
     out.backward(g)
     ref.backward(g)
     assert (x.grad.float() - x_ref.grad.float()).norm() / x_ref.grad.float().norm() < 0.05
+
+
+def test_the_gpu_check_script_runs_and_compares_on_the_cpu(tmp_path) -> None:
+    """benchmarks/scripts/swiglu_store_check.py (the GPU session's per-call check), at a small shape on the CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "swiglu_store_check.py"
+    spec = importlib.util.spec_from_file_location("swiglu_store_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = swiglu_store.COMPILED_DEVICE_TYPES
+    assert module.main(["--out", str(tmp_path), "--device", "cpu", "--rows", "64", "--ffn", "256",
+                        "--warmup", "1", "--repeat", "1"]) == 0
+    assert swiglu_store.COMPILED_DEVICE_TYPES == before
+    result = json.loads((tmp_path / "swiglu_store_check.json").read_text())
+    assert result["same_quantized_bytes"] and result["same_output"] and result["same_input_gradient"]
+    assert result["blockwise_fp8_compiled"]["kept_bytes"] == 64 * 512 * (1 + 4 / BLOCK)
+    assert result["megatron_bf16_store"]["kept_bytes"] == 64 * 512 * 2
