@@ -108,6 +108,19 @@ def test_config_fields_reach_megatrons_transformer_config(exp_root, megatron_arg
 
     plain = gpt_config_from_args(_tiny_args(megatron_arguments, monkeypatch, [])).transformer
     assert not plain.activation_func_fp8_input_store and not plain.fused_single_qkv_rope
+    assert not plain.use_transformer_engine_op_fuser
+
+
+def test_the_op_fuser_reaches_the_config_megatrons_layer_spec_reads(exp_root, megatron_arguments,
+                                                                    monkeypatch) -> None:
+    """Megatron's GPT builder picks its TEFusedMLP from config.use_transformer_engine_op_fuser (no flag for it)."""
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    args = _tiny_args(megatron_arguments, monkeypatch, [])
+    assert set_config_fields(args, RuntimeOptions(te_op_fuser=True)) == [
+        "MLPs built with Transformer Engine's operation fuser (use_transformer_engine_op_fuser)"]
+    config = gpt_config_from_args(args)
+    assert config.use_transformer_engine_op_fuser and config.transformer.use_transformer_engine_op_fuser
 
 
 def test_fp8_output_layer_makes_megatron_choose_the_te_head_for_blockwise(exp_root, megatron_arguments,

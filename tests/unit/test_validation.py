@@ -471,6 +471,15 @@ def test_the_exact_memory_options_apply_where_they_can_and_the_launch_says_where
         assert ("fp8_proj_original_input" in options) == (sets != ("precision.fp8=null",))
 
 
+def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_store(exp_root):
+    for sets in (["model.te_op_fuser=true"], ["model.te_op_fuser=true", "precision.fp8=null"]):
+        plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=sets), no_gpu_probe())
+        assert "te_op_fuser" in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
+    problem = one(config_problems("tiny", "model.te_op_fuser=true", "precision.fp8_activation_store_blockwise=true"),
+                  "model.te_op_fuser:")
+    assert "precision.fp8_activation_store_blockwise" in problem
+
+
 def test_fp8_attention_is_launched_with_a_word_on_its_fidelity(exp_root):
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_attention=true"]), no_gpu_probe())
     assert [n for n in plan.notes if n.startswith("precision.fp8_attention diverged")]

@@ -271,6 +271,7 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
         fp8_transpose_on_demand=tod,
         fp8_bf16_param_remainders=fp8 and p.fp8_bf16_param_remainders,
         fused_qkv_rope=recipe.model.fused_qkv_rope,
+        te_op_fuser=recipe.model.te_op_fuser,
         nan_check_per_step=recipe.logging.nan_check == "step",
     )
 

@@ -41,6 +41,11 @@ class ModelConfig:
         "null lets Megatron pad to a multiple of 128*TP.", default=None)
     attention_backend: str = doc("Megatron --attention-backend: auto, fused, flash, unfused, local.", default="auto")
     fused_qkv_rope: bool = doc("Apply RoPE to the fused QKV output in one kernel (Transformer Engine).", default=False)
+    te_op_fuser: bool = doc(
+        "Build each MLP with Transformer Engine's operation fuser (norm, FC1, SwiGLU, FC2 as one fusible sequence, "
+        "so that Transformer Engine may fuse the quantization of a GEMM input into the kernel before it); the same "
+        "parameters and arithmetic. Both precisions; not with precision.fp8_activation_store_blockwise.",
+        default=False)
 
 
 @dataclass

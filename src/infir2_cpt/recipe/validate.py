@@ -177,6 +177,9 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
         if swiglu_flags:
             out.add("precision.fp8_activation_store_blockwise", f"needs Megatron's fused SwiGLU, which "
                     f"{' and '.join(swiglu_flags)} in megatron_extra_args turn off", True)
+    if m.te_op_fuser and p.fp8 and p.fp8_activation_store_blockwise:
+        out.add("model.te_op_fuser", "builds the MLP from Transformer Engine's operations, which do not call the "
+                "SwiGLU that precision.fp8_activation_store_blockwise replaces: turn one of them off", True)
     if p.fp8_output_layer and not m.untie_embeddings:
         out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
                 "share the input embedding's weight)", True)

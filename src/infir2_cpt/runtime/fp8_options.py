@@ -25,6 +25,9 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
   FP32 master as BF16 + a 16-bit remainder in Transformer Engine's fused Adam, not as a 4-byte FP32 copy in
   Megatron's distributed optimizer (optimizer_remainders.py).
 - fused_qkv_rope: RoPE applied to the fused QKV output in one kernel (both precisions).
+- te_op_fuser: each MLP built with Transformer Engine's operation fuser (Megatron's TEFusedMLP: te.ops RMSNorm,
+  BasicLinear, SwiGLU, BasicLinear over the MLP's own parameters), which can fuse a GEMM input's quantization into
+  the kernel that produces it (both precisions).
 - nan_check_per_step: the loss's NaN/Inf check once per step instead of a device sync per micro-batch.
 
 Config fields are set on Megatron's args before the model config is built from them (the config builder
@@ -51,6 +54,7 @@ class RuntimeOptions:
     fp8_transpose_on_demand: bool = False
     fp8_bf16_param_remainders: bool = False
     fused_qkv_rope: bool = False
+    te_op_fuser: bool = False
     nan_check_per_step: bool = False
 
     @classmethod
@@ -86,6 +90,9 @@ def set_config_fields(args: Any, options: RuntimeOptions) -> list[str]:
     if options.fused_qkv_rope:
         args.fused_single_qkv_rope = True
         notes.append("RoPE fused into the QKV output (fused_single_qkv_rope)")
+    if options.te_op_fuser:
+        args.use_transformer_engine_op_fuser = True
+        notes.append("MLPs built with Transformer Engine's operation fuser (use_transformer_engine_op_fuser)")
     return notes
 
 
