@@ -227,3 +227,23 @@ def test_after_the_all_gather_blockwise_weights_drop_their_transpose_and_others_
     assert handed_on == [[other]]
     buffers.post_all_gather_processing(_blockwise_weight())  # a single tensor, as Megatron may pass
     assert handed_on == [[other]]
+
+
+def test_the_launch_says_which_head_and_which_mlps_the_model_got() -> None:
+    """What the built model really has, in one line per option (the head's and the MLPs' class names)."""
+    from infir2_cpt.runtime.fp8_options import describe_model
+
+    class TEFusedMLP(torch.nn.Module):
+        pass
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = TEFusedMLP()
+
+    chunk = torch.nn.Module()
+    chunk.layers = torch.nn.ModuleList([Layer(), Layer()])
+    chunk.output_layer = torch.nn.Linear(2, 2)
+    assert describe_model([chunk], RuntimeOptions(fp8_output_layer=True, te_op_fuser=True)) == [
+        "LM head: Linear", "MLPs: TEFusedMLP"]
+    assert describe_model([chunk], RuntimeOptions()) == []

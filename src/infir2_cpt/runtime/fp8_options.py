@@ -276,4 +276,7 @@ def describe_model(model: list[Any], options: RuntimeOptions) -> list[str]:
     if options.fp8_output_layer:
         heads = {type(m).__name__ for chunk in model for n, m in chunk.named_modules() if n.endswith("output_layer")}
         notes.append(f"LM head: {', '.join(sorted(heads)) or 'none on this pipeline stage'}")
+    if options.te_op_fuser:
+        mlps = {type(m).__name__ for chunk in model for n, m in chunk.named_modules() if n.endswith(".mlp")}
+        notes.append(f"MLPs: {', '.join(sorted(mlps)) or 'none on this pipeline stage'}")
     return notes
