@@ -43,8 +43,8 @@ class ModelConfig:
     fused_qkv_rope: bool = doc("Apply RoPE to the fused QKV output in one kernel (Transformer Engine).", default=False)
     te_op_fuser: bool = doc(
         "Build each MLP with Transformer Engine's operation fuser (norm, FC1, SwiGLU, FC2 as one fusible sequence, "
-        "so that Transformer Engine may fuse the quantization of a GEMM input into the kernel before it); the same "
-        "parameters and arithmetic. Both precisions; not with precision.fp8_activation_store_blockwise.",
+        "so that Transformer Engine may fuse the quantization of a GEMM input into the kernel before it), over the "
+        "same parameters. Both precisions; not with precision.fp8_activation_store_blockwise.",
         default=False)
 
 
