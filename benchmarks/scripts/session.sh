@@ -218,8 +218,8 @@ step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # Fidelity from the base model (continual pre-training, the steady test: FP8 and BF16 ended 0.06 % apart there),
 # one seed per GPU: every FP8 option alone against BF16 and the recipe
 # (2026-11-30-h200: fp8-actblock +0.08 %, fp8-lmhead +0.01 %, fp8-attn diverged): now both together, FP8 attention
-# with a BF16 backward, fused QKV RoPE, and the remainders
-FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-attn-fwd,fp8-qkvrope,fp8-exact-rem
+# with a BF16 backward or with scales over a longer amax history, fused QKV RoPE, and the remainders
+FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-attn-fwd,fp8-attn-hist,fp8-qkvrope,fp8-exact-rem
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
@@ -293,7 +293,7 @@ step_run1() {
   step_A15
   step_Bbase
   touch "$RES/BASE_DONE"
-  FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-attn-fwd fidcpt fidcpt-1236 1236
+  FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-attn-fwd,fp8-attn-hist fidcpt fidcpt-1236 1236
   touch "$RES/DONE"
   log "session done"
 }

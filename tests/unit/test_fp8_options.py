@@ -247,3 +247,15 @@ def test_the_launch_says_which_head_and_which_mlps_the_model_got() -> None:
     assert describe_model([chunk], RuntimeOptions(fp8_output_layer=True, te_op_fuser=True)) == [
         "LM head: Linear", "MLPs: TEFusedMLP"]
     assert describe_model([chunk], RuntimeOptions()) == []
+
+
+def test_attention_scales_from_the_last_step_or_the_largest_of_a_history() -> None:
+    from infir2_cpt.runtime.fp8_options import ATTENTION_AMAX_HISTORY_ENV, attention_amax_history, attention_scaling
+
+    assert attention_amax_history({}) == 1
+    assert attention_amax_history({ATTENTION_AMAX_HISTORY_ENV: "1024"}) == 1024
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(ValueError, match="at least 1"):
+            attention_amax_history({ATTENTION_AMAX_HISTORY_ENV: bad})
+    assert attention_scaling(1) == {"amax_history_len": 1, "amax_compute_algo": "most_recent"}
+    assert attention_scaling(16) == {"amax_history_len": 16, "amax_compute_algo": "max"}

@@ -480,6 +480,19 @@ def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_
     assert "precision.fp8_activation_store_blockwise" in problem
 
 
+def test_the_attention_amax_history_reaches_the_workers_only_with_fp8_attention(exp_root):
+    on = ["precision.fp8_attention=true", "precision.fp8_attention_amax_history=1024"]
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on), no_gpu_probe())
+    assert plan.env["INFIR2_FP8_ATTENTION_AMAX_HISTORY"] == "1024"
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_attention=true"]), no_gpu_probe())
+    assert "INFIR2_FP8_ATTENTION_AMAX_HISTORY" not in plan.env
+    assert "has no effect without FP8 attention" in one(
+        config_problems("tiny", "precision.fp8_attention_amax_history=16"), "precision.fp8_attention_amax_history:")
+    assert "at least 1" in one(config_problems("tiny", "precision.fp8_attention=true",
+                                               "precision.fp8_attention_amax_history=0"),
+                               "precision.fp8_attention_amax_history:")
+
+
 def test_fp8_attention_is_launched_with_a_word_on_its_fidelity(exp_root):
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_attention=true"]), no_gpu_probe())
     assert [n for n in plan.notes if n.startswith("precision.fp8_attention diverged")]

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..layout import ExperimentPaths
 from ..retention import RETENTION_ENV, RetentionPolicy
 from ..recipe.schedule import WSDSchedule
-from ..runtime.fp8_options import OPTIONS_ENV, RuntimeOptions
+from ..runtime.fp8_options import ATTENTION_AMAX_HISTORY_ENV, OPTIONS_ENV, RuntimeOptions
 from ..recipe.schema import BlendEntry, Recipe
 
 
@@ -285,6 +285,8 @@ def runtime_env(recipe: Recipe) -> dict[str, str]:
     policy = RetentionPolicy.of(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)
     if recipe.checkpoint.save and policy.active:  # the launcher prunes as checkpoints complete
         env[RETENTION_ENV] = policy.env_value()
+    if recipe.precision.fp8 and recipe.precision.fp8_attention and recipe.precision.fp8_attention_amax_history != 1:
+        env[ATTENTION_AMAX_HISTORY_ENV] = str(recipe.precision.fp8_attention_amax_history)
     if recipe.parallel.cuda_graph == "transformer_engine":
         # Megatron asserts it beside expandable segments (the recipes' allocator): NCCL must not register
         # graph-captured buffers that the allocator may remap

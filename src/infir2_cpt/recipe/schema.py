@@ -127,6 +127,10 @@ class PrecisionConfig:
         "Run core attention in FP8 (cuDNN fused attention, delayed scaling: E4M3 forward, E5M2 backward) inside "
         "the FP8 layers. Hopper or newer, head dim 128, sequence length a multiple of 128. Diverged in continual "
         "pre-training from a base model (docs/fp8.md): experimental.", default=False)
+    fp8_attention_amax_history: int = doc(
+        "With fp8_attention: over how many past steps each attention tensor's FP8 scale takes its largest absolute "
+        "value (1: the last step's alone, as Transformer Engine's attention defaults to; more keeps headroom when "
+        "values grow from one step to the next).", default=1)
     fp8_activation_store: bool = doc(
         "Keep the SwiGLU input (the widest activation) in FP8 for backward, quantized by Transformer Engine's "
         "SwiGLU with a per-tensor scale: saves memory, costs a little time.", default=False)

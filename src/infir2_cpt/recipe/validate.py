@@ -183,6 +183,11 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     if p.fp8_output_layer and not m.untie_embeddings:
         out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
                 "share the input embedding's weight)", True)
+    if p.fp8_attention_amax_history < 1:
+        out.add("precision.fp8_attention_amax_history", "must be at least 1 (steps)", p.fp8_attention_amax_history)
+    elif p.fp8_attention_amax_history != 1 and not (p.fp8 and p.fp8_attention):
+        out.add("precision.fp8_attention_amax_history", "has no effect without FP8 attention: set "
+                "precision.fp8_attention: true or leave it at 1", p.fp8_attention_amax_history)
     if p.fp8 and p.fp8_attention:
         head_dim = m.hidden_size / max(m.num_attention_heads, 1)
         if head_dim != 128:

@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | No
         fp8_options.install_fp8_output_layer()
         _say("LM head in FP8 with the run's recipe")
     if options.fp8_attention:
-        fp8_options.install_fp8_attention(fp8_options.tensor_parallel_amax_group)
-        _say("core attention in FP8 (delayed scaling, cuDNN fused attention) inside the blockwise layers")
+        history = fp8_options.attention_amax_history()
+        fp8_options.install_fp8_attention(fp8_options.tensor_parallel_amax_group, history)
+        _say(f"core attention in FP8 (delayed scaling over {history} step(s), cuDNN fused attention) inside the "
+             "blockwise layers")
     if options.fp8_transpose_on_demand:
         fp8_options.install_transpose_on_demand()
     if options.fp8_activation_store_blockwise:  # before the model is built: Megatron's MLP calls it by name

@@ -42,6 +42,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 OPTIONS_ENV = "INFIR2_RUNTIME_OPTIONS"
+ATTENTION_AMAX_HISTORY_ENV = "INFIR2_FP8_ATTENTION_AMAX_HISTORY"  # precision.fp8_attention_amax_history, when not 1
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,25 @@ def wrap_in_context(forward: Callable[..., Any], fp8_enabled: Callable[[], bool]
     return wrapped
 
 
-def install_fp8_attention(amax_reduction_group: Callable[[], Any] | None = None) -> None:
+def attention_amax_history(environ: Any = os.environ) -> int:
+    """The attention scales' amax history length the launcher set (1 when unset)."""
+    text = environ.get(ATTENTION_AMAX_HISTORY_ENV, "1")
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ValueError(f"{ATTENTION_AMAX_HISTORY_ENV}={text!r}: a whole number of steps, at least 1, expected")
+    return steps
+
+
+def attention_scaling(amax_history: int) -> dict[str, Any]:
+    """The delayed-scaling settings of attention's FP8 tensors: E4M3 forward, E5M2 backward; each scale from the
+    last step's amax, or from the largest of the last amax_history steps'."""
+    return {"amax_history_len": amax_history, "amax_compute_algo": "most_recent" if amax_history == 1 else "max"}
+
+
+def install_fp8_attention(amax_reduction_group: Callable[[], Any] | None = None, amax_history: int = 1) -> None:
     """Core attention (Megatron's TEDotProductAttention) in its own delayed-scaling FP8 context.
 
     One recipe object for every call: Transformer Engine keys its attention backend cache and scaling state
@@ -157,9 +176,8 @@ def install_fp8_attention(amax_reduction_group: Callable[[], Any] | None = None)
         if not made:  # at the first call: the parallel groups exist by then
             group = amax_reduction_group() if amax_reduction_group else None
             made["group"] = group
-            made["recipe"] = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=1,
-                                            amax_compute_algo="most_recent", fp8_dpa=True, fp8_mha=False,
-                                            reduce_amax=group is not None)
+            made["recipe"] = DelayedScaling(fp8_format=Format.HYBRID, **attention_scaling(amax_history),
+                                            fp8_dpa=True, fp8_mha=False, reduce_amax=group is not None)
         return te.autocast(enabled=True, recipe=made["recipe"], amax_reduction_group=made["group"])
 
     TEDotProductAttention.forward = wrap_in_context(TEDotProductAttention.forward,
