@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session on a 2-GPU host (nvidia-h200-x2), run as a daemon that outlives each device call, so that
-# staging, installing and every measurement share one machine and a call only looks in and collects:
+# One GPU session (nvidia-h200-x2: plan `run`, lanes per GPU; nvidia-h200: plan `run1`, the steps in a row), run as a
+# daemon that outlives each device call, so that staging, installing and every measurement share one machine and a
+# call only looks in and collects:
 #   bash benchmarks/scripts/session.sh prepbg        # CPU only, in the background: text gathered on the host, prepared
 #                                             # with the Qwen tokenizer (needs w/ staged: megatron-core)
 #   bash benchmarks/scripts/session.sh start         # (after the last staging call) install, then both lanes, in the background
@@ -10,9 +11,9 @@
 #   call 1 carries .gpu-stage/w .gpu-stage/c1 .gpu-data/wheels:        session.sh stage
 #   call 2 carries .gpu-stage/c2 .gpu-data/qwen-tokenizer:             session.sh stage prepbg
 #   calls 3-5 carry .gpu-stage/c3 .. c5:                               session.sh stage
-#   call 6 carries .gpu-stage/c6:                                      session.sh stage start poll 480
+#   call 6 carries .gpu-stage/c6:                                      [PLAN=run1] session.sh stage start poll 480
 # `stage` copies what a call carried to /tmp/gpu-stage and /tmp/gpu-data, where later steps look for it.
-# Lanes: GPU 0 times benches (7B shape, DP 2 memory on both GPUs, 1.5B); GPU 1 runs several tiny-model jobs at
+# Lanes of `run`: GPU 0 times benches (7B shape, DP 2 memory on both GPUs, 1.5B); GPU 1 runs several tiny-model jobs at
 # once: the stop proof, the fidelity runs, the base model, its decays and `infir2 eval`, the master-weight proof,
 # the CPT comparison and the held-out evaluations. Each step logs one line to $W/res/steps.txt; results go to $W/res.
 # DRY=1 runs every infir2 command of the plan with --dry-run on the CPU (what the tests do).
