@@ -105,7 +105,11 @@ step_ADP2() {  # data parallel 2 (TP 1) on both GPUs, before lane A: memory clea
 
 step_swiglu_check() {  # one SwiGLU call of the 7B and the 1.5B shape: compiled against eager, each against Megatron's
   log "swiglu store check"
-  if [ -n "${DRY:-}" ]; then python3 benchmarks/scripts/swiglu_store_check.py --help >/dev/null; log "swiglu store check: dry $?"; return; fi
+  if [ -n "${DRY:-}" ]; then
+    python3 benchmarks/scripts/swiglu_store_check.py --help >/dev/null
+    log "swiglu store check: dry $?"
+    return
+  fi
   python3 benchmarks/scripts/swiglu_store_check.py --out "$RES/swiglu-7b" --rows 8192 --ffn 18944 \
     >"$RES/console/swiglu-7b.txt" 2>&1
   log "swiglu store check 7b: exit $?"
