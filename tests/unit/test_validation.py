@@ -471,6 +471,14 @@ def test_the_exact_memory_options_apply_where_they_can_and_the_launch_says_where
         assert ("fp8_proj_original_input" in options) == (sets != ("precision.fp8=null",))
 
 
+def test_the_blockwise_swiglu_store_needs_tiles_of_128_on_each_gpu(exp_root):
+    plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_activation_store_blockwise=true"]),
+             no_gpu_probe())  # 2 x 2816 = 44 tiles
+    problem = one(config_problems("tiny", "precision.fp8_activation_store_blockwise=true",
+                                  "model.ffn_hidden_size=2848"), "precision.fp8_activation_store_blockwise:")
+    assert "= 5696, to be a multiple of 128" in problem
+
+
 def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_store(exp_root):
     for sets in (["model.te_op_fuser=true"], ["model.te_op_fuser=true", "precision.fp8=null"]):
         plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=sets), no_gpu_probe())

@@ -177,6 +177,12 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
         if swiglu_flags:
             out.add("precision.fp8_activation_store_blockwise", f"needs Megatron's fused SwiGLU, which "
                     f"{' and '.join(swiglu_flags)} in megatron_extra_args turn off", True)
+        tp = max(recipe.parallel.tensor_parallel, 1)
+        width = 2 * m.ffn_hidden_size / tp  # the SwiGLU input on each GPU, quantized in tiles of 128 values
+        if width % 128:
+            out.add("precision.fp8_activation_store_blockwise", f"needs the SwiGLU input's width on each GPU, "
+                    f"2 x model.ffn_hidden_size / parallel.tensor_parallel = {width:g}, to be a multiple of 128",
+                    True)
     if m.te_op_fuser and p.fp8 and p.fp8_activation_store_blockwise:
         out.add("model.te_op_fuser", "builds the MLP from Transformer Engine's operations, which do not call the "
                 "SwiGLU that precision.fp8_activation_store_blockwise replaces: turn one of them off", True)
