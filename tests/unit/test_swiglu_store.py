@@ -55,6 +55,14 @@ def test_chunks_give_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(whole[1], chunked[1])
 
 
+def test_a_strided_input_gives_the_bytes_of_its_contiguous_copy() -> None:
+    wide = torch.randn(20, 3 * BLOCK, dtype=torch.bfloat16)
+    x = wide[:, :2 * BLOCK]  # rows 3 tiles apart in memory
+    assert not x.is_contiguous()
+    strided, dense = quantize_blocks(x), quantize_blocks(x.contiguous())
+    assert torch.equal(strided[0].view(torch.uint8), dense[0].view(torch.uint8)) and torch.equal(strided[1], dense[1])
+
+
 def test_dequantizing_to_bf16_rounds_as_a_cast_does() -> None:
     """The integer rounding (which a compiled kernel cannot skip) is the cast's round-to-nearest-even."""
     torch.manual_seed(2)

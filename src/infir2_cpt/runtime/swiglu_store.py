@@ -83,6 +83,7 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, n), n a multiple of 128 -> (data, factors) as quantize_tiles gives them, compiled or in chunks."""
     rows, width = x.shape
     _check_width(width)
+    x = x.contiguous()  # the tiles are views of whole rows (a no-op for the FC1 output Megatron passes)
     if _compiled(x):
         return _compiled_quantize()(x)
     data = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
