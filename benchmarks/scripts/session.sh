@@ -92,8 +92,9 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
   --variants bf16,fp8-blockwise,fp8-actblock; }  # SwiGLU inputs: ~15 GiB in BF16 at 1.5B mbs 2
 # and the MLPs through Transformer Engine's operation fuser (fused quantization); remainders are known (-2.03 GiB),
-# the head alone too (0.797x): fp8-next against fp8-blockwise, less the store's cost from swiglu_check, gives it
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-next,fp8-opfuser; }
+# the head alone too (0.797x): fp8-next against fp8-blockwise, less the store's cost from swiglu_check, gives it;
+# fp8-next-hp: the head's weight an FP8 parameter (-1.5 GiB against fp8-next expected)
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-opfuser; }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
     --variants bf16,fp8-blockwise
@@ -224,7 +225,7 @@ step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # one seed per GPU: every FP8 option alone against BF16 and the recipe
 # (2026-11-30-h200: fp8-actblock +0.08 %, fp8-lmhead +0.01 %, fp8-attn diverged): now both together, FP8 attention
 # with a BF16 backward or with scales over a longer amax history, fused QKV RoPE, and the remainders
-FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-attn-fwd,fp8-attn-hist,fp8-qkvrope,fp8-exact-rem
+FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-attn-fwd,fp8-attn-hist,fp8-qkvrope,fp8-exact-rem
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
@@ -285,8 +286,9 @@ step_run() {  # everything after the staging, as one background job
   log "session done"
 }
 
-# One GPU (nvidia-h200): the same measurements one after the other, none sharing the GPU with another.
-# Speed and memory first (7B shape, 1.5B), then the base model and the fidelity from it (about 26 minutes in all).
+# One GPU (nvidia-h200): the same measurements one after the other, none sharing the GPU with another (about 28
+# minutes in all by 2026-11-30-h200's step times): the store's cost per call, the 7B shape, then the base model and
+# the fidelity from it; 1.5B last (its memory with the store is known; its time follows from the store's cost).
 step_run1() {
   if [ -z "${DRY:-}" ]; then
     for _ in $(seq 1 60); do [ -f "$RES/PREP_DONE" ] && break; sleep 3; done
@@ -295,10 +297,10 @@ step_run1() {
   export CUDA_VISIBLE_DEVICES=0
   step_swiglu_check
   step_A7
-  step_A15
   step_Bbase
   touch "$RES/BASE_DONE"
-  FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-attn-fwd,fp8-attn-hist fidcpt fidcpt-1236 1236
+  FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-attn-fwd,fp8-attn-hist fidcpt fidcpt-1236 1236
+  step_A15
   touch "$RES/DONE"
   log "session done"
 }

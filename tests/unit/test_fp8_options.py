@@ -245,7 +245,7 @@ def test_the_launch_says_which_head_and_which_mlps_the_model_got() -> None:
     chunk.layers = torch.nn.ModuleList([Layer(), Layer()])
     chunk.output_layer = torch.nn.Linear(2, 2)
     assert describe_model([chunk], RuntimeOptions(fp8_output_layer=True, te_op_fuser=True)) == [
-        "LM head: Linear", "MLPs: TEFusedMLP"]
+        "LM head: Linear (weight: Parameter)", "MLPs: TEFusedMLP"]
     assert describe_model([chunk], RuntimeOptions()) == []
 
 
@@ -259,3 +259,41 @@ def test_attention_scales_from_the_last_step_or_the_largest_of_a_history() -> No
             attention_amax_history({ATTENTION_AMAX_HISTORY_ENV: bad})
     assert attention_scaling(1) == {"amax_history_len": 1, "amax_compute_algo": "most_recent"}
     assert attention_scaling(16) == {"amax_history_len": 16, "amax_compute_algo": "max"}
+
+
+def test_the_fp8_head_can_be_built_in_megatrons_fp8_parameter_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron enters get_fp8_context(config, is_init=True) around each transformer layer, not around the head:
+    with the option the head's constructor runs inside it too (Transformer Engine then makes its weight FP8)."""
+    pytest.importorskip("megatron.core")
+    import megatron.core.extensions.transformer_engine as te_extension
+    import megatron.core.fp8_utils as fp8_utils
+
+    from infir2_cpt.runtime.fp8_options import install_fp8_output_layer_param
+
+    entered: list[tuple[object, bool]] = []
+    inside = [False]
+
+    @contextlib.contextmanager
+    def fp8_context(config: object, layer_no: int = -1, is_init: bool = False):
+        entered.append((config, is_init))
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    class Head:  # stands in for TELMHeadColumnParallelLinear (Transformer Engine is not installed here)
+        def __init__(self, input_size: int, output_size: int, *, config: object, bias: bool = True) -> None:
+            self.sizes, self.bias, self.built_in_fp8_init = (input_size, output_size), bias, inside[0]
+
+    monkeypatch.setattr(te_extension, "TELMHeadColumnParallelLinear", None, raising=False)
+    with pytest.raises(RuntimeError, match="needs Transformer Engine"):
+        install_fp8_output_layer_param()
+    monkeypatch.setattr(te_extension, "TELMHeadColumnParallelLinear", Head, raising=False)
+    monkeypatch.setattr(fp8_utils, "get_fp8_context", fp8_context, raising=False)
+    install_fp8_output_layer_param()
+    install_fp8_output_layer_param()  # once only
+    config = object()
+    head = Head(8, 16, config=config, bias=False)
+    assert head.built_in_fp8_init and head.sizes == (8, 16) and head.bias is False
+    assert entered == [(config, True)]

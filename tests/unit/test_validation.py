@@ -501,6 +501,16 @@ def test_the_attention_amax_history_reaches_the_workers_only_with_fp8_attention(
                                "precision.fp8_attention_amax_history:")
 
 
+def test_an_fp8_parameter_head_needs_the_fp8_head_and_fp8_parameters(exp_root):
+    on = ["precision.fp8_output_layer=true", "precision.fp8_output_layer_param=true"]
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on), no_gpu_probe())
+    assert {"fp8_output_layer", "fp8_output_layer_param"} <= set(plan.env["INFIR2_RUNTIME_OPTIONS"].split(","))
+    for sets in (["precision.fp8_output_layer_param=true"], [*on, "precision.fp8_param_gather=false"],
+                 [*on, "precision.fp8=null"]):
+        assert "needs precision.fp8 with precision.fp8_output_layer and precision.fp8_param_gather" in one(
+            config_problems("tiny", *sets), "precision.fp8_output_layer_param:")
+
+
 def test_fp8_attention_is_launched_with_a_word_on_its_fidelity(exp_root):
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_attention=true"]), no_gpu_probe())
     assert [n for n in plan.notes if n.startswith("precision.fp8_attention diverged")]

@@ -264,6 +264,7 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
     proj, tod, _ = exact_fp8_memory_options(recipe)
     return RuntimeOptions(
         fp8_output_layer=fp8 and p.fp8_output_layer,
+        fp8_output_layer_param=fp8 and p.fp8_output_layer and p.fp8_param_gather and p.fp8_output_layer_param,
         fp8_attention=fp8 and p.fp8_attention,
         fp8_activation_store=fp8 and p.fp8_activation_store,
         fp8_activation_store_blockwise=fp8 and p.fp8_activation_store_blockwise,

@@ -186,6 +186,9 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     if m.te_op_fuser and p.fp8 and p.fp8_activation_store_blockwise:
         out.add("model.te_op_fuser", "builds the MLP from Transformer Engine's operations, which do not call the "
                 "SwiGLU that precision.fp8_activation_store_blockwise replaces: turn one of them off", True)
+    if p.fp8_output_layer_param and not (p.fp8 and p.fp8_output_layer and p.fp8_param_gather):
+        out.add("precision.fp8_output_layer_param", "needs precision.fp8 with precision.fp8_output_layer and "
+                "precision.fp8_param_gather (an FP8 parameter for a head that runs in FP8)", True)
     if p.fp8_output_layer and not m.untie_embeddings:
         out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
                 "share the input embedding's weight)", True)

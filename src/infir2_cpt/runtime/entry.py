@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | No
     if options.fp8_output_layer:
         fp8_options.install_fp8_output_layer()
         _say("LM head in FP8 with the run's recipe")
+    if options.fp8_output_layer_param:
+        fp8_options.install_fp8_output_layer_param()
+        _say("LM head's weight built as an FP8 parameter, as the layers' are")
     if options.fp8_attention:
         history = fp8_options.attention_amax_history()
         fp8_options.install_fp8_attention(fp8_options.tensor_parallel_amax_group, history)

@@ -5,6 +5,8 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
   run's recipe. megatron-core 0.19.2 ships such a head (TELMHeadColumnParallelLinear) but picks it only for
   MXFP8; the option widens that choice to any FP8 recipe. Its weight stays a BF16 parameter with an FP32
   master. Untied embeddings only (the launcher checks).
+- fp8_output_layer_param: that head built inside Megatron's FP8-parameter context, as Megatron builds the
+  transformer layers, so that its weight is an FP8 parameter (no BF16 weight, no cached FP8 copies).
 - fp8_attention: core attention in FP8 (cuDNN fused attention) inside blockwise layers. Transformer Engine
   refuses FP8 attention under its blockwise recipe, so attention gets an FP8 context of its own with a
   delayed-scaling recipe (E4M3 forward, E5M2 backward), nested in the layer's blockwise one; the scales are
@@ -48,6 +50,7 @@ ATTENTION_AMAX_HISTORY_ENV = "INFIR2_FP8_ATTENTION_AMAX_HISTORY"  # precision.fp
 @dataclass(frozen=True)
 class RuntimeOptions:
     fp8_output_layer: bool = False
+    fp8_output_layer_param: bool = False
     fp8_attention: bool = False
     fp8_activation_store: bool = False
     fp8_activation_store_blockwise: bool = False
@@ -114,6 +117,28 @@ def install_fp8_output_layer() -> None:
         raise RuntimeError("fp8_output_layer needs Transformer Engine")
     fp8_utils.is_mxfp8_output_proj_active = any_fp8_recipe_output_layer
     gpt_model.is_mxfp8_output_proj_active = any_fp8_recipe_output_layer
+
+
+def install_fp8_output_layer_param() -> None:
+    """Build Megatron's FP8 LM head (TELMHeadColumnParallelLinear) inside get_fp8_context(config, is_init=True), the
+    FP8-parameter context Megatron enters for each transformer layer but not for the head."""
+    import megatron.core.extensions.transformer_engine as te_extension
+    import megatron.core.fp8_utils as fp8_utils
+
+    head = getattr(te_extension, "TELMHeadColumnParallelLinear", None)
+    if head is None:
+        raise RuntimeError("fp8_output_layer_param needs Transformer Engine (Megatron's TELMHeadColumnParallelLinear)")
+    original = head.__init__
+    if getattr(original, "__infir2_fp8_param__", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, config: Any, **kwargs: Any) -> None:
+        with fp8_utils.get_fp8_context(config, is_init=True):
+            original(self, *args, config=config, **kwargs)
+
+    __init__.__infir2_fp8_param__ = True  # type: ignore[attr-defined]
+    head.__init__ = __init__
 
 
 # --------------------------------------------------------------------------- FP8 attention
@@ -292,7 +317,8 @@ def describe_model(model: list[Any], options: RuntimeOptions) -> list[str]:
     """One line per option that changes modules, saying what the built model really has."""
     notes = []
     if options.fp8_output_layer:
-        heads = {type(m).__name__ for chunk in model for n, m in chunk.named_modules() if n.endswith("output_layer")}
+        heads = {f"{type(m).__name__} (weight: {type(getattr(m, 'weight', None)).__name__})"
+                 for chunk in model for n, m in chunk.named_modules() if n.endswith("output_layer")}
         notes.append(f"LM head: {', '.join(sorted(heads)) or 'none on this pipeline stage'}")
     if options.te_op_fuser:
         mlps = {type(m).__name__ for chunk in model for n, m in chunk.named_modules() if n.endswith(".mlp")}
