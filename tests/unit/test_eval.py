@@ -93,12 +93,14 @@ def test_a_run_trained_with_remainders_and_transposes_on_demand_is_evaluated(
         exp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation builds BF16 parameters and loads no optimizer: the training's FP8-parameter options do not apply."""
     monkeypatch.setenv("INFIR2_GPU_CHECK", "0")
-    run = record("rem", sets=["precision.fp8_bf16_param_remainders=true", "precision.fp8_transpose_on_demand=true"])
+    run = record("rem", sets=["precision.fp8_bf16_param_remainders=true", "precision.fp8_transpose_on_demand=true",
+                              "precision.fp8_output_layer=true", "precision.fp8_output_layer_param=true"])
     make_ckpt(run.checkpoints, 100)
     plan = plan_eval(EvalRequest(exp="rem", dry_run=True))
     assert items(plan) == [("rem", 100)] and "--fp8-param-gather" not in plan.megatron_args
-    assert "fp8_bf16_param_remainders" not in plan.env.get("INFIR2_RUNTIME_OPTIONS", "")
-    assert "fp8_transpose_on_demand" not in plan.env.get("INFIR2_RUNTIME_OPTIONS", "")
+    options = plan.env.get("INFIR2_RUNTIME_OPTIONS", "").split(",")
+    assert "fp8_bf16_param_remainders" not in options and "fp8_transpose_on_demand" not in options
+    assert "fp8_output_layer" in options and "fp8_output_layer_param" not in options  # FP8 GEMMs stay, BF16 weight
 
 
 def test_a_missing_iteration_is_refused_and_only_warned_about_in_a_dry_run(

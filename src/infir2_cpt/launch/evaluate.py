@@ -133,7 +133,8 @@ def _recipe(req: EvalRequest, paths: ExperimentPaths, out: Findings) -> Recipe |
     # distributed optimizer's all-gather; the checkpoint holds BF16 weights, and FP8 GEMMs stay on) and the form of
     # the optimizer's masters (no optimizer state is loaded)
     sets = [*req.sets, "launch.nnodes=1", "parallel.cuda_graph=null", "parallel.cuda_graph_modules=[]",
-            "logging.profile=false", "precision.fp8_param_gather=false", "precision.fp8_bf16_param_remainders=false"]
+            "logging.profile=false", "precision.fp8_param_gather=false", "precision.fp8_bf16_param_remainders=false",
+            "precision.fp8_output_layer_param=false"]
     if req.nproc_per_node is not None:
         sets.append(f"launch.nproc_per_node={req.nproc_per_node}")
     recorded = paths.root / RECIPE_FILE
