@@ -264,7 +264,7 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
     proj, tod, _ = exact_fp8_memory_options(recipe)
     return RuntimeOptions(
         fp8_output_layer=fp8 and p.fp8_output_layer,
-        fp8_output_layer_param=fp8 and p.fp8_output_layer and p.fp8_param_gather and p.fp8_output_layer_param,
+        fp8_output_layer_param=fp8 and p.fp8_output_layer_param,  # validation asks for the head and FP8 parameters
         fp8_attention=fp8 and p.fp8_attention,
         fp8_activation_store=fp8 and p.fp8_activation_store,
         fp8_activation_store_blockwise=fp8 and p.fp8_activation_store_blockwise,
@@ -280,13 +280,13 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
 def runtime_env(recipe: Recipe) -> dict[str, str]:
     """The environment the recipe's runtime options and CUDA graphs need (before the user's own values)."""
     env = {}
-    options = runtime_options(recipe).env_value()
-    if options:
-        env[OPTIONS_ENV] = options
+    options = runtime_options(recipe)
+    if options.env_value():
+        env[OPTIONS_ENV] = options.env_value()
     policy = RetentionPolicy.of(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)
     if recipe.checkpoint.save and policy.active:  # the launcher prunes as checkpoints complete
         env[RETENTION_ENV] = policy.env_value()
-    if recipe.precision.fp8 and recipe.precision.fp8_attention and recipe.precision.fp8_attention_amax_history != 1:
+    if options.fp8_attention and recipe.precision.fp8_attention_amax_history != 1:
         env[ATTENTION_AMAX_HISTORY_ENV] = str(recipe.precision.fp8_attention_amax_history)
     if recipe.parallel.cuda_graph == "transformer_engine":
         # Megatron asserts it beside expandable segments (the recipes' allocator): NCCL must not register
