@@ -281,8 +281,9 @@ def runtime_env(recipe: Recipe) -> dict[str, str]:
     """The environment the recipe's runtime options and CUDA graphs need (before the user's own values)."""
     env = {}
     options = runtime_options(recipe)
-    if options.env_value():
-        env[OPTIONS_ENV] = options.env_value()
+    names = options.env_value()
+    if names:
+        env[OPTIONS_ENV] = names
     policy = RetentionPolicy.of(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)
     if recipe.checkpoint.save and policy.active:  # the launcher prunes as checkpoints complete
         env[RETENTION_ENV] = policy.env_value()
