@@ -13,9 +13,9 @@
 #   calls 3-5 carry .gpu-stage/c3 .. c5:                               session.sh stage
 #   call 6 carries .gpu-stage/c6:                                      [PLAN=run1] session.sh stage start poll 480
 # `stage` copies what a call carried to /tmp/gpu-stage and /tmp/gpu-data, where later steps look for it.
-# Lanes of `run`: GPU 0 times benches (7B shape, DP 2 memory on both GPUs, 1.5B); GPU 1 runs several tiny-model jobs at
-# once: the stop proof, the fidelity runs, the base model, its decays and `infir2 eval`, the master-weight proof,
-# the CPT comparison and the held-out evaluations. Each step logs one line to $W/res/steps.txt; results go to $W/res.
+# Lanes of `run`: GPU 0 times benches (7B shape, 1.5B, then DP 2 memory on both GPUs); GPU 1 runs several tiny-model
+# jobs at once: the base model and the fidelity from it (and when asked: the stop proof, its decays and `infir2 eval`,
+# the master-weight proof, the CPT comparison and the held-out evaluations). Each step logs one line to $W/res/steps.txt; results go to $W/res.
 # DRY=1 runs every infir2 command of the plan with --dry-run on the CPU (what the tests do).
 set -uo pipefail
 W=${W:-/tmp/w}
@@ -93,15 +93,15 @@ step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
   --variants bf16,fp8-blockwise,fp8-actblock; }  # SwiGLU inputs: ~15 GiB in BF16 at 1.5B mbs 2
 # and the MLPs through Transformer Engine's operation fuser (fused quantization); remainders are known (-2.03 GiB),
 # the head alone too (0.797x): fp8-next against fp8-blockwise, less the store's cost from swiglu_check, gives it;
-# fp8-next-hp: the head's weight an FP8 parameter (-1.5 GiB against fp8-next expected)
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-opfuser; }
+# fp8-next-hp: the head's weight an FP8 parameter (-1.5 GiB against fp8-next expected), and with remainders
+step_A7() { bench b7 "${S7[@]}" "${Q[@]}" --variants "${A7:-bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-next-hp-rem,fp8-opfuser}"; }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
     --variants bf16,fp8-blockwise
 }
-step_ADP2() {  # data parallel 2 (TP 1) on both GPUs, before lane A: memory clean, GPU 1 shared with the base model
+step_ADP2() {  # data parallel 2 (TP 1) on both GPUs: memory clean, GPU 1 shared with what lane B still runs
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
-    --variants bf16,fp8-blockwise,fp8-next-rem
+    --variants "${ADP2:-bf16,fp8-blockwise,fp8-next-rem,fp8-next-hp-rem}"
 }
 
 step_swiglu_check() {  # one SwiGLU call of the 7B and the 1.5B shape: compiled against eager, each against Megatron's
@@ -222,18 +222,14 @@ fidelity() {  # NAME VARIANTS [PARALLEL]: 500 steps of the tiny model on the tex
 # one option at a time: the exact ones (transposes on demand, the projection's BF16 input), then the lossy ones
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # Fidelity from the base model (continual pre-training, the steady test: FP8 and BF16 ended 0.06 % apart there),
-# one seed per GPU: every FP8 option alone against BF16 and the recipe
-# (2026-11-30-h200: fp8-actblock +0.08 %, fp8-lmhead +0.01 %, fp8-attn diverged): now both together, FP8 attention
-# with a BF16 backward or with scales over a longer amax history, fused QKV RoPE, and the remainders
-FIDCPT=bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-attn-fwd,fp8-attn-hist,fp8-qkvrope,fp8-exact-rem
+# (2026-11-30-h200: fp8-actblock +0.08 %, fp8-lmhead +0.01 %, fp8-attn diverged): now the two together, with the
+# head's weight an FP8 parameter and remainders, FP8 attention with a BF16 backward or with scales over a longer amax
+# history, and the MLPs through the operation fuser
+FIDCPT=${FIDCPT:-bf16,fp8-blockwise,fp8-next,fp8-next-hp,fp8-next-hp-rem,fp8-attn-fwd,fp8-attn-hist,fp8-opfuser}
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
     --set schedule.min_lr=5e-5 --set schedule.warmup_iters=50 --set schedule.decay_iters=100 --loss-window 50
-}
-wait_for_base() {  # lane A waits for lane B's base model (DRY: no wait)
-  [ -n "${DRY:-}" ] && return
-  for _ in $(seq 1 240); do [ -f "$RES/BASE_DONE" ] && return; sleep 5; done
 }
 step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes per parameter less, save and resume
   log "remainders check"
@@ -243,12 +239,12 @@ step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes p
   log "remainders check: exit $?"
 }
 
-lane_A() {  # the shipped recipe and remainders at 1 GPU (7B shape, 1.5B), then one seed of the fidelity from base
+lane_A() {  # GPU 0: the store's cost per call, the 7B shape, 1.5B; then DP 2 on both GPUs (TP2=1: TP 2 as well)
   CUDA_VISIBLE_DEVICES=0 step_swiglu_check
   CUDA_VISIBLE_DEVICES=0 step_A7
   CUDA_VISIBLE_DEVICES=0 step_A15
-  wait_for_base
-  CUDA_VISIBLE_DEVICES=0 fidcpt fidcpt-1237 1237
+  step_ADP2
+  if [ -n "${TP2:-}" ]; then step_ATP2; fi
   log "lane A done"
 }
 lane_B() {  # tiny runs: several share GPU 1 at once. Proven on 2026-11-30 and skipped unless asked: the stop proof
@@ -264,6 +260,8 @@ lane_B() {  # tiny runs: several share GPU 1 at once. Proven on 2026-11-30 and s
   if [ -n "${RETAIN:-}" ]; then step_Bretain & retain=$!; fi
   [ -n "${MASTERS:-}" ] && step_Bmasters
   fidcpt fidcpt-1236 1236
+  # a second seed for the candidates of the recipes
+  FIDCPT=${FIDCPT2:-bf16,fp8-next,fp8-next-hp} fidcpt fidcpt-1237 1237
   if [ -n "${CPT:-}" ]; then step_Bcpt; [ -n "${MASTERS:-}" ] && step_Bdump; step_Beval; fi
   wait $stop $retain $fid $rem
   log "lane B done"
@@ -275,11 +273,9 @@ step_run() {  # everything after the staging, as one background job
     for _ in $(seq 1 60); do [ -f "$RES/PREP_DONE" ] && break; sleep 3; done
     step_install
   fi
-  # lane B's base model (GPU 1, about 16 GiB) trains while DP 2 and TP 2 use both GPUs: their memory is clean, their
-  # times share GPU 1 with it; lane A starts when they are done
+  # lane B (GPU 1: the base model, then the fidelity from it) beside lane A (GPU 0); DP 2 last, on both GPUs: its
+  # memory is clean, its time shares GPU 1 with what lane B still runs
   lane_B & local b=$!
-  step_ADP2
-  step_ATP2
   lane_A
   wait $b
   touch "$RES/DONE"
