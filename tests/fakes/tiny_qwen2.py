@@ -4,7 +4,6 @@ mapping (tests/unit/test_conversion.py) and Megatron on the CPU (tests/process/t
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from infir2_cpt.bench.run import free_port  # noqa: F401  (the tests' rendezvous ports)
 from infir2_cpt.recipe.shape import ModelShape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +65,6 @@ def tiny_shape(tied: bool, padded: int = TINY["padded"]) -> ModelShape:
 def source_state(model, tied: bool) -> dict:
     """What a saved HF checkpoint holds: transformers leaves the tied lm_head out."""
     return {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -10,6 +10,8 @@ import dataclasses
 import gzip
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ import pytest
 
 from infir2_cpt.bench import plan as bench_plan
 from infir2_cpt.bench import run
+from infir2_cpt.bench.run import LOWEST_PORT, ephemeral_low, free_port
 from infir2_cpt.bench.metrics import (VariantMetrics, VariantResult, apply_baseline, fidelity_gap, gpu_peak,
                                       noise_warning, padded_vocab_from_log, peak_for, ratios, seed_summaries,
                                       step_spread, variant_metrics)
@@ -752,3 +755,31 @@ def test_the_curves_script_smooths_with_trailing_means_and_compares_final_values
     assert summary["fp8"]["gap"] == pytest.approx(0.01)
     tb_curves.plot({"bf16": points, "fp8": points}, "bf16", "lm loss", tmp_path / "c.png", smooth=2)
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_rendezvous_ports_come_from_below_the_ephemeral_range(tmp_path: Path) -> None:
+    """A port the kernel may hand to another process's connection meanwhile is never chosen, and a taken one is
+    skipped."""
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text("32768\t60999\n")
+    assert ephemeral_low(range_file) == 32768
+    assert all(LOWEST_PORT <= free_port(range_file=range_file) < 32768 for _ in range(20))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port(range_file=range_file)))
+        taken.listen()
+        busy = taken.getsockname()[1]
+
+        class TakenFirst(random.Random):
+            def __init__(self) -> None:
+                super().__init__(0)
+                self.draws = 0
+
+            def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+                self.draws += 1
+                return busy if self.draws == 1 else super().randrange(start, stop)
+
+        rng = TakenFirst()
+        port = free_port(rng, range_file)
+        assert port != busy and LOWEST_PORT <= port < 32768 and rng.draws >= 2
+    range_file.write_text("garbage")
+    assert ephemeral_low(range_file) == 32768

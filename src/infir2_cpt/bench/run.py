@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -53,8 +54,39 @@ class VariantRun:
     seconds: float = 0.0
 
 
-def free_port() -> int:
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 20000  # rendezvous ports are drawn from here up to the kernel's ephemeral range
+
+
+def ephemeral_low(range_file: Path = EPHEMERAL_RANGE_FILE) -> int:
+    """The first port the kernel hands out for outgoing connections and bind(0) (Linux's default: 32768)."""
+    try:
+        return int(range_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(rng: random.Random | None = None, range_file: Path = EPHEMERAL_RANGE_FILE) -> int:
+    """A free port for a run's rendezvous store, below the kernel's ephemeral range. A port from bind(0) is an
+    ephemeral one: until torchrun binds it, another process's connection can take it as its local end, and
+    torchrun, unable to host the store, then waits for it as a client until it times out."""
+    rng = rng or random.Random()
+    high = ephemeral_low(range_file)
+    if high - LOWEST_PORT >= 100:
+        for _ in range(200):
+            port = rng.randrange(LOWEST_PORT, high)
+            if _bindable(port):
+                return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
