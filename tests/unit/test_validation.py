@@ -480,12 +480,15 @@ def test_the_blockwise_swiglu_store_needs_tiles_of_128_on_each_gpu(exp_root):
 
 
 def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_store(exp_root):
-    for sets in (["model.te_op_fuser=true"], ["model.te_op_fuser=true", "precision.fp8=null"]):
+    fuser = ["model.te_op_fuser=true", "parallel.overlap_param_gather=false"]
+    for sets in (fuser, [*fuser, "precision.fp8=null"]):
         plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=sets), no_gpu_probe())
         assert "te_op_fuser" in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
-    problem = one(config_problems("tiny", "model.te_op_fuser=true", "precision.fp8_activation_store_blockwise=true"),
+    problem = one(config_problems("tiny", *fuser, "precision.fp8_activation_store_blockwise=true"),
                   "model.te_op_fuser:")
     assert "precision.fp8_activation_store_blockwise" in problem
+    problem = one(config_problems("tiny", "model.te_op_fuser=true"), "model.te_op_fuser:")
+    assert "parallel.overlap_param_gather=false" in problem
 
 
 def test_the_attention_amax_history_reaches_the_workers_only_with_fp8_attention(exp_root):

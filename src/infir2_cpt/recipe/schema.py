@@ -44,7 +44,8 @@ class ModelConfig:
     te_op_fuser: bool = doc(
         "Build each MLP with Transformer Engine's operation fuser (norm, FC1, SwiGLU, FC2 as one fusible sequence, "
         "so that Transformer Engine may fuse the quantization of a GEMM input into the kernel before it), over the "
-        "same parameters. Both precisions; not with precision.fp8_activation_store_blockwise.",
+        "same parameters. Both precisions; not with precision.fp8_activation_store_blockwise, and with "
+        "parallel.overlap_param_gather: false.",
         default=False)
 
 

@@ -183,6 +183,10 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
             out.add("precision.fp8_activation_store_blockwise", f"needs the SwiGLU input's width on each GPU, "
                     f"2 x model.ffn_hidden_size / parallel.tensor_parallel = {width:g}, to be a multiple of 128",
                     True)
+    if m.te_op_fuser and recipe.parallel.overlap_param_gather:
+        out.add("model.te_op_fuser", "cannot be used with parallel.overlap_param_gather: true: Megatron's overlapped "
+                "parameter all-gather stopped on an assertion in its forward hooks with the fused MLPs (7B shape, "
+                "third iteration); set parallel.overlap_param_gather=false with it", True)
     if m.te_op_fuser and p.fp8 and p.fp8_activation_store_blockwise:
         out.add("model.te_op_fuser", "builds the MLP from Transformer Engine's operations, which do not call the "
                 "SwiGLU that precision.fp8_activation_store_blockwise replaces: turn one of them off", True)
