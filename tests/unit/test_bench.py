@@ -342,7 +342,7 @@ def test_existing_experiment_folder_is_refused_for_a_real_run(exp_root):
 
 CANDIDATES = REPO / "benchmarks" / "bench_candidates.yaml"
 UNTIED_ONLY = {"fp8-lmhead", "fp8-speed", "fp8-all", "fp8-all-moments", "fp8-all-tod",  # the FP8 LM head: 7B only
-               "fp8-next", "fp8-next-rem", "fp8-next-hp", "fp8-next-hp-rem", "fp8-next-bf16p"}
+               "fp8-next", "fp8-next-rem", "fp8-next-hp", "fp8-next-hp-rem"}
 
 
 @pytest.mark.parametrize("recipe,seq", [("7b", 8192), ("1.5b", 8192)])

@@ -322,10 +322,10 @@ def test_checkpoints_are_not_resumed_or_decayed_with_master_weights_of_another_f
         plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null"]))
     text = str(err.value)
     assert "precision.fp8: the checkpoints in" in text and "were written with precision.fp8=\"blockwise\": they keep " \
-        "the master weights as FP32 copies of all parameters; with precision.fp8=null they would be read as the " \
-        "BF16 parameters with 16-bit remainders" in text
+        "the master weights as FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders; with " \
+        "precision.fp8=null they would be read as the BF16 parameters with 16-bit remainders" in text
     with pytest.raises(LaunchError, match="precision.fp8_bf16_param_remainders: the checkpoints in"):
-        plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_bf16_param_remainders=true"]))
+        plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_bf16_param_remainders=false"]))
     plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8_format=hybrid"]))  # same form: resumes
     with pytest.raises(LaunchError, match="precision.fp8: the checkpoints in .*/tiny/checkpoints were written"):
         plan_decay("200", "precision.fp8=null")  # a decay's first launch reads the stable run's optimizer state
@@ -338,13 +338,13 @@ def test_checkpoints_are_not_resumed_or_decayed_with_master_weights_of_another_f
 
 
 @pytest.mark.parametrize("sets, form", [
-    ((), "FP32 copies of all parameters"),  # blockwise FP8 parameters
+    ((), "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"),  # the recipes' remainders
+    (("precision.fp8_bf16_param_remainders=false",), "FP32 copies of all parameters"),  # blockwise FP8 parameters
     (("precision.fp8=null",), "the BF16 parameters with 16-bit remainders"),
-    (("precision.fp8_param_gather=false",), "FP32 copies of all parameters"),
+    (("precision.fp8_param_gather=false",), "FP32 copies of all parameters"),  # remainders do not apply
+    (("precision.fp8=tensorwise",), "FP32 copies of all parameters"),
     (("precision.fp8=delayed", "precision.fp8_param_gather=false"), "the BF16 parameters with 16-bit remainders"),
     (("precision.fp8=delayed",), "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"),
-    (("precision.fp8_bf16_param_remainders=true",),
-     "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"),
     (("precision.fp8=null", "precision.precision_aware_optimizer=false"), "FP32 copies of all parameters"),
 ])
 def test_the_form_of_the_master_weights_follows_megatrons_precision_aware_rule(env: Path, sets: tuple[str, ...],

@@ -198,7 +198,8 @@ def test_optional_flags_are_documented(in_tmp_cwd, tmp_path):
             "model.attention_backend=fused", "schedule.warmup_init_lr=1e-6",
             "launch.exit_duration_minutes=230", "precision.first_last_layers_bf16=true",
             f"checkpoint.pretrained={pretrained}", "parallel.cuda_graph=local", "parallel.cuda_graph_modules=[mlp]",
-            "precision.fp8_activation_store=true", "precision.adam_moments=bf16"]
+            "precision.fp8_activation_store=true", "precision.fp8_activation_store_blockwise=false",
+            "precision.adam_moments=bf16"]
     ours = our_args(dict(recipe="7b", sets=sets))
     tiny = our_args(dict(recipe="tiny"))
     seed = {f for f, _ in split_flags(read_golden("seed_7b.txt", in_tmp_cwd))}

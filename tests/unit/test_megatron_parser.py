@@ -206,6 +206,7 @@ def test_resume_plan_passes_megatron_validate_args(exp_root, megatron_parse):
 
 
 ALL_OPTIONS = ["precision.fp8_output_layer=true", "precision.fp8_attention=true", "precision.fp8_activation_store=true",
+               "precision.fp8_activation_store_blockwise=false",
                "precision.fp8_proj_bf16_input=true", "precision.adam_moments=bf16", "model.fused_qkv_rope=true",
                "logging.nan_check=step", "parallel.cuda_graph=transformer_engine", "parallel.cuda_graph_modules=[mlp]"]
 

@@ -438,24 +438,23 @@ def test_a_hostname_or_routable_address_is_not_loopback(exp_root):
 # --------------------------------------------------------------------------- what runs in FP8 beyond Megatron's flags
 
 
-def test_fp8_only_options_need_fp8(exp_root):
-    problems = config_problems("tiny", "precision.fp8=null", "precision.fp8_output_layer=true",
-                               "precision.fp8_attention=true", "precision.fp8_activation_store=true",
-                               "precision.fp8_proj_bf16_input=true", "precision.fp8_transpose_on_demand=true",
-                               "precision.fp8_bf16_param_remainders=true")
-    for key in ("fp8_output_layer", "fp8_attention", "fp8_activation_store", "fp8_bf16_param_remainders"):
-        assert "needs FP8 (precision.fp8 is null)" in one(problems, f"precision.{key}:")
-    assert "needs FP8" in one(config_problems("tiny", "precision.fp8=null",
-                                              "precision.fp8_activation_store_blockwise=true"),
-                              "precision.fp8_activation_store_blockwise:")
-    # the memory options that change no arithmetic are not refused: they do nothing in BF16, and say so
-    assert not [p for p in problems if "fp8_proj_bf16_input" in p or "fp8_transpose_on_demand" in p]
+def test_fp8_options_do_nothing_in_bf16_and_say_so(exp_root):
+    """`--set precision.fp8=null` turns an FP8 recipe into its BF16 baseline: its FP8 options are not errors there,
+    they install nothing, and the launch names them."""
+    on = ["precision.fp8_output_layer=true", "precision.fp8_output_layer_param=true", "precision.fp8_attention=true",
+          "precision.fp8_activation_store_blockwise=true", "precision.fp8_bf16_param_remainders=true"]
+    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null", *on]), no_gpu_probe())
+    assert "INFIR2_RUNTIME_OPTIONS" not in plan.env
+    note = one(plan.notes, "precision.fp8_output_layer")
+    assert "no effect without FP8" in note and all(s.split("=")[0] in note for s in on)
+    fp8 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on[:2] + on[3:]), no_gpu_probe())
+    assert not any("no effect without FP8" in n for n in fp8.notes)
 
 
 def test_the_exact_memory_options_apply_where_they_can_and_the_launch_says_where_they_do_not(exp_root):
     on = ["precision.fp8_transpose_on_demand=true", "precision.fp8_proj_bf16_input=true"]
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on), no_gpu_probe())
-    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_proj_original_input,fp8_transpose_on_demand"
+    assert {"fp8_proj_original_input", "fp8_transpose_on_demand"} <= set(plan.env["INFIR2_RUNTIME_OPTIONS"].split(","))
     assert not [n for n in plan.notes if "has no effect" in n]
     cases = {("precision.fp8=null",): ("fp8_proj_bf16_input has no effect without FP8",
                                        "fp8_transpose_on_demand has no effect without FP8"),
@@ -480,14 +479,16 @@ def test_the_blockwise_swiglu_store_needs_tiles_of_128_on_each_gpu(exp_root):
 
 
 def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_store(exp_root):
-    fuser = ["model.te_op_fuser=true", "parallel.overlap_param_gather=false"]
+    fuser = ["model.te_op_fuser=true", "parallel.overlap_param_gather=false",
+             "precision.fp8_activation_store_blockwise=false"]
     for sets in (fuser, [*fuser, "precision.fp8=null"]):
         plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=sets), no_gpu_probe())
         assert "te_op_fuser" in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
     problem = one(config_problems("tiny", *fuser, "precision.fp8_activation_store_blockwise=true"),
                   "model.te_op_fuser:")
     assert "precision.fp8_activation_store_blockwise" in problem
-    problem = one(config_problems("tiny", "model.te_op_fuser=true"), "model.te_op_fuser:")
+    problem = one(config_problems("tiny", "model.te_op_fuser=true", "precision.fp8_activation_store_blockwise=false"),
+                  "model.te_op_fuser:")
     assert "parallel.overlap_param_gather=false" in problem
 
 
@@ -508,10 +509,12 @@ def test_an_fp8_parameter_head_needs_the_fp8_head_and_fp8_parameters(exp_root):
     on = ["precision.fp8_output_layer=true", "precision.fp8_output_layer_param=true"]
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on), no_gpu_probe())
     assert {"fp8_output_layer", "fp8_output_layer_param"} <= set(plan.env["INFIR2_RUNTIME_OPTIONS"].split(","))
-    for sets in (["precision.fp8_output_layer_param=true"], [*on, "precision.fp8_param_gather=false"],
-                 [*on, "precision.fp8=null"]):
-        assert "needs precision.fp8 with precision.fp8_output_layer and precision.fp8_param_gather" in one(
-            config_problems("tiny", *sets), "precision.fp8_output_layer_param:")
+    # elsewhere it installs nothing and the launch says why
+    for sets, why in ((["precision.fp8_output_layer=false"], "without the FP8 head"),
+                      ([*on, "precision.fp8_param_gather=false"], "without FP8 parameters")):
+        plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=sets), no_gpu_probe())
+        assert "fp8_output_layer_param" not in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
+        assert why in one(plan.notes, "precision.fp8_output_layer_param has no effect")
 
 
 def test_fp8_attention_is_launched_with_a_word_on_its_fidelity(exp_root):
@@ -554,14 +557,17 @@ def test_the_blockwise_swiglu_store_is_one_way_and_needs_megatrons_fused_swiglu(
     assert "--no-bias-swiglu-fusion" not in argv and "--use-te-activation-func" not in argv
 
 
-def test_bf16_param_remainders_need_blockwise_fp8_weights_and_the_precision_aware_distributed_optimizer(exp_root):
+def test_bf16_param_remainders_apply_to_blockwise_fp8_weights_with_the_precision_aware_distributed_optimizer(
+        exp_root):
     key = "precision.fp8_bf16_param_remainders"
     for sets in (["precision.fp8=tensorwise"], ["precision.fp8_param_gather=false"],
                  ["precision.precision_aware_optimizer=false"],
-                 ["parallel.distributed_optimizer=false", "precision.fp8_param_gather=false"]):
-        problem = one(config_problems("tiny", f"{key}=true", *sets), key)
-        assert "needs precision.fp8: blockwise with precision.fp8_param_gather, precision.precision_aware_optimizer " \
-               "and parallel.distributed_optimizer" in problem, sets
+                 ["parallel.distributed_optimizer=false", "precision.fp8_param_gather=false",
+                  "parallel.overlap_param_gather=false"]):
+        plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true", *sets]), no_gpu_probe())
+        assert "fp8_bf16_param_remainders" not in plan.env.get("INFIR2_RUNTIME_OPTIONS", "").split(",")
+        note = one(plan.notes, f"{key} has no effect")
+        assert "it applies to blockwise FP8 parameters with the precision-aware, distributed optimizer" in note, sets
     problem = one(config_problems("tiny", f"{key}=true", "megatron_extra_args=[--dist-ckpt-optim-fully-reshardable]"),
                   key)
     assert "cannot be used with --dist-ckpt-optim-fully-reshardable" in problem
@@ -582,14 +588,17 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
         no_gpu_probe())
     # the recipe's exact memory options: the projection's input applies, transposes on demand not (CUDA graphs)
     assert plan.env["INFIR2_RUNTIME_OPTIONS"] == \
-        "fp8_output_layer,fp8_attention,fp8_proj_original_input,fused_qkv_rope,nan_check_per_step"
+        "fp8_output_layer,fp8_output_layer_param,fp8_attention,fp8_activation_store_blockwise," \
+        "fp8_proj_original_input,fp8_bf16_param_remainders,fused_qkv_rope,nan_check_per_step"
     assert plan.env["NCCL_GRAPH_REGISTER"] == "0"  # what Megatron asks for beside expandable segments
     user = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["parallel.cuda_graph=transformer_engine"]),
                     LaunchEnv.read({**os.environ, "INFIR2_GPU_CHECK": "0", "NCCL_GRAPH_REGISTER": "0"}))
     assert "NCCL_GRAPH_REGISTER" not in user.env  # the user's own value wins (and is reported)
     assert ("NCCL_GRAPH_REGISTER", "0", "user (recipe: 0)") in [(e.name, e.value, e.source) for e in user.env_report]
     plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
-    assert plain.env["INFIR2_RUNTIME_OPTIONS"] == "fp8_proj_original_input,fp8_transpose_on_demand"
+    assert plain.env["INFIR2_RUNTIME_OPTIONS"] == \
+        "fp8_output_layer,fp8_output_layer_param,fp8_activation_store_blockwise,fp8_proj_original_input," \
+        "fp8_transpose_on_demand,fp8_bf16_param_remainders"  # the recipes' FP8 options
     bf16 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null"]), no_gpu_probe())
     assert "INFIR2_RUNTIME_OPTIONS" not in bf16.env
 

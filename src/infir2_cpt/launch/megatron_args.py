@@ -14,7 +14,7 @@ from ..layout import ExperimentPaths
 from ..retention import RETENTION_ENV, RetentionPolicy
 from ..recipe.schedule import WSDSchedule
 from ..runtime.fp8_options import ATTENTION_AMAX_HISTORY_ENV, OPTIONS_ENV, RuntimeOptions
-from ..recipe.schema import BlendEntry, Recipe
+from ..recipe.schema import BlendEntry, Recipe, head_param_applies, remainders_apply
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def master_weights(recipe: Recipe) -> str:
     fp8_params = p.fp8 is not None and p.fp8_param_gather
     if p.fp8 is None or (p.fp8 == "delayed" and not fp8_params):
         return "the BF16 parameters with 16-bit remainders"
-    if p.fp8 == "delayed" or p.fp8_bf16_param_remainders:  # delayed: Transformer Engine's Adam keeps the FP32 copies
+    if p.fp8 == "delayed" or remainders_apply(recipe):  # delayed: Transformer Engine's Adam keeps the FP32 copies
         return "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"
     return "FP32 copies of all parameters"
 
@@ -258,19 +258,46 @@ def exact_fp8_memory_options(recipe: Recipe) -> tuple[bool, bool, list[str]]:
     return proj, tod, notes
 
 
+FP8_ONLY_OPTIONS = ("fp8_output_layer", "fp8_output_layer_param", "fp8_attention", "fp8_activation_store",
+                    "fp8_activation_store_blockwise", "fp8_bf16_param_remainders")
+
+
+def unapplied_fp8_options(recipe: Recipe) -> list[str]:
+    """Launch notes for the FP8 options a recipe keeps on where they cannot apply. They follow the FP8 weights: a
+    recipe switched to BF16 (`--set precision.fp8=null`), to another FP8 recipe or to BF16 parameters keeps them,
+    and they then do nothing, said here, instead of refusing the switch."""
+    p = recipe.precision
+    if p.fp8 is None:
+        unused = [f"precision.{name}" for name in FP8_ONLY_OPTIONS if getattr(p, name)]
+        return [f"{', '.join(unused)}: no effect without FP8 (precision.fp8 is null): this run is BF16 "
+                f"throughout"] if unused else []
+    notes = []
+    if p.fp8_output_layer_param and not head_param_applies(recipe):
+        why = "without the FP8 head (precision.fp8_output_layer)" if not p.fp8_output_layer else \
+            "without FP8 parameters (precision.fp8_param_gather)"
+        notes.append(f"precision.fp8_output_layer_param has no effect {why}: the head's weight stays BF16")
+    if p.fp8_bf16_param_remainders and not remainders_apply(recipe):
+        notes.append(f"precision.fp8_bf16_param_remainders has no effect with precision.fp8={p.fp8}, "
+                     f"fp8_param_gather={str(p.fp8_param_gather).lower()}, precision_aware_optimizer="
+                     f"{str(p.precision_aware_optimizer).lower()}, parallel.distributed_optimizer="
+                     f"{str(recipe.parallel.distributed_optimizer).lower()} (it applies to blockwise FP8 parameters "
+                     f"with the precision-aware, distributed optimizer): the masters are {master_weights(recipe)}")
+    return notes
+
+
 def runtime_options(recipe: Recipe) -> RuntimeOptions:
     """What the training entry installs beyond Megatron's flags (runtime/fp8_options.py), from the recipe."""
     p, fp8 = recipe.precision, recipe.precision.fp8 is not None
     proj, tod, _ = exact_fp8_memory_options(recipe)
     return RuntimeOptions(
         fp8_output_layer=fp8 and p.fp8_output_layer,
-        fp8_output_layer_param=fp8 and p.fp8_output_layer_param,  # validation asks for the head and FP8 parameters
+        fp8_output_layer_param=head_param_applies(recipe),
         fp8_attention=fp8 and p.fp8_attention,
         fp8_activation_store=fp8 and p.fp8_activation_store,
         fp8_activation_store_blockwise=fp8 and p.fp8_activation_store_blockwise,
         fp8_proj_original_input=proj,
         fp8_transpose_on_demand=tod,
-        fp8_bf16_param_remainders=fp8 and p.fp8_bf16_param_remainders,
+        fp8_bf16_param_remainders=remainders_apply(recipe),
         fused_qkv_rope=recipe.model.fused_qkv_rope,
         te_op_fuser=recipe.model.te_op_fuser,
         nan_check_per_step=recipe.logging.nan_check == "step",

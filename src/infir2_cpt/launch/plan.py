@@ -29,7 +29,8 @@ from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, op
 from ..retention import RETENTION_ENV
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
-from .megatron_args import ArgGroup, LoadPlan, build_arg_groups, exact_fp8_memory_options, master_weights, runtime_env
+from .megatron_args import (ArgGroup, LoadPlan, unapplied_fp8_options, build_arg_groups, exact_fp8_memory_options,
+                            master_weights, runtime_env)
 from .vocabulary import check_data_vocabulary, follow_tokenizer, recipe_tokenizer
 from .preflight import check_cuda_graph_env, check_disk_space, check_files, check_gpu, check_megatron_flags
 
@@ -388,6 +389,7 @@ def plan_run(req: LaunchRequest, env: LaunchEnv | None = None) -> LaunchPlan:
     findings.extend(check_disk_space(recipe, paths, notes, start.start_iteration, start.schedule.train_iters))
     check_megatron_flags([*recipe.megatron_extra_args, *req.extra_args], findings, notes)
     notes.extend(exact_fp8_memory_options(recipe)[2])
+    notes.extend(unapplied_fp8_options(recipe))
     if recipe.precision.fp8 and recipe.precision.fp8_attention:
         notes.append("precision.fp8_attention diverged in continual pre-training from a base model in infir2's "
                      "fidelity test (docs/fp8.md, 'Measuring fidelity'): measure it on your model with "

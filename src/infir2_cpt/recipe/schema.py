@@ -123,12 +123,12 @@ class PrecisionConfig:
     fp8_output_layer: bool = doc(
         "Run the LM head's GEMMs (logits and both gradients) in FP8 with the run's recipe; its weight stays "
         "BF16 with an FP32 master. Untied embeddings only. Held BF16's loss within 0.1 % from a base model "
-        "(docs/fp8.md).", default=False)
+        "(docs/fp8.md). No effect in BF16 (noted at launch).", default=False)
     fp8_output_layer_param: bool = doc(
         "With fp8_output_layer and fp8_param_gather: the LM head's weight is an FP8 parameter, as the transformer "
         "layers' weights are, instead of a BF16 weight that Transformer Engine quantizes into two cached FP8 "
-        "copies: about 1.5 bytes per head parameter less (0.5 GiB less than a BF16 head at 7B, where the cached "
-        "copies cost 1.0 GiB more).", default=False)
+        "copies: 1.5 GiB less at 7B. Held BF16's loss within 0.11 % from a base model (docs/fp8.md). Elsewhere "
+        "it has no effect (noted at launch).", default=False)
     fp8_attention: bool = doc(
         "Run core attention in FP8 (cuDNN fused attention, delayed scaling: E4M3 forward, E5M2 backward) inside "
         "the FP8 layers. Hopper or newer, head dim 128, sequence length a multiple of 128. Diverged in continual "
@@ -158,8 +158,9 @@ class PrecisionConfig:
         "The parameters that stay BF16 in an FP8 run (embeddings, LM head, norms, biases) keep their FP32 master as "
         "a BF16 run does: the BF16 parameter plus a 16-bit remainder in Transformer Engine's fused Adam, instead of "
         "a 4-byte FP32 copy. 2 bytes per such parameter less (divided by the data-parallel size), same masters. "
-        "Blockwise FP8 with fp8_param_gather, the precision-aware optimizer and the distributed optimizer. "
-        "Checkpoints store the remainders: a resume or a decay with the other setting is refused.", default=False)
+        "Applies to blockwise FP8 with fp8_param_gather, the precision-aware optimizer and the distributed "
+        "optimizer; elsewhere it has no effect (noted at launch). Checkpoints store the remainders: a resume or a "
+        "decay with the other setting is refused.", default=False)
     adam_moments: str = doc(
         "Dtype of Adam's two moments: fp32, or bf16 (as DeepSeek-V3 trains; 4 bytes per parameter less, needs "
         "precision_aware_optimizer). Applies in both precisions.", default="fp32")
@@ -253,3 +254,17 @@ class Recipe:
     megatron_extra_args: list[str] = doc(
         "Megatron flags appended last, verbatim (anything the schema does not model; last one wins).",
         default_factory=list)
+
+
+def remainders_apply(recipe: Recipe) -> bool:
+    """precision.fp8_bf16_param_remainders where megatron-core would keep FP32 masters for the BF16 parameters:
+    blockwise FP8 parameters with the precision-aware, distributed optimizer."""
+    p = recipe.precision
+    return bool(p.fp8_bf16_param_remainders and p.fp8 == "blockwise" and p.fp8_param_gather
+                and p.precision_aware_optimizer and recipe.parallel.distributed_optimizer)
+
+
+def head_param_applies(recipe: Recipe) -> bool:
+    """precision.fp8_output_layer_param where the head runs in FP8 among FP8 parameters."""
+    p = recipe.precision
+    return bool(p.fp8 and p.fp8_output_layer_param and p.fp8_output_layer and p.fp8_param_gather)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import Problem
-from .schema import FP8_RECIPES, WSD_DECAY_STYLES, Recipe
+from .schema import FP8_RECIPES, WSD_DECAY_STYLES, Recipe, remainders_apply
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 FP8_BLOCK = 128
@@ -159,16 +159,10 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
         out.add("precision.fp8_param_gather", "needs parallel.distributed_optimizer: true", True)
     if p.fp8 == "delayed" and p.first_last_layers_bf16:
         out.add("precision.first_last_layers_bf16", "is not supported with the delayed FP8 recipe", True)
-    # what changes numerics or the checkpoints needs FP8; the exact memory options (fp8_proj_bf16_input,
-    # fp8_transpose_on_demand) apply where they can and are noted at launch where they cannot
-    fp8_only = {"precision.fp8_output_layer": p.fp8_output_layer, "precision.fp8_attention": p.fp8_attention,
-                "precision.fp8_activation_store": p.fp8_activation_store,
-                "precision.fp8_activation_store_blockwise": p.fp8_activation_store_blockwise,
-                "precision.fp8_bf16_param_remainders": p.fp8_bf16_param_remainders}
-    for key, on in fp8_only.items():
-        if on and p.fp8 is None:
-            out.add(key, "needs FP8 (precision.fp8 is null): set precision.fp8 or turn this off", True)
-    if p.fp8_activation_store_blockwise:
+    # With precision.fp8 null the run is BF16 throughout: the FP8 recipe's options do nothing there, and the FP8
+    # weights' options (head parameter, remainders) only where FP8 parameters are (both said at launch), so that
+    # `--set precision.fp8=null` turns an FP8 recipe into its BF16 baseline. The rest is checked with FP8 only.
+    if p.fp8 and p.fp8_activation_store_blockwise:
         if p.fp8_activation_store:
             out.add("precision.fp8_activation_store_blockwise", "choose one way to keep the SwiGLU input in FP8: this "
                     "or precision.fp8_activation_store", True)
@@ -190,10 +184,7 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     if m.te_op_fuser and p.fp8 and p.fp8_activation_store_blockwise:
         out.add("model.te_op_fuser", "builds the MLP from Transformer Engine's operations, which do not call the "
                 "SwiGLU that precision.fp8_activation_store_blockwise replaces: turn one of them off", True)
-    if p.fp8_output_layer_param and not (p.fp8 and p.fp8_output_layer and p.fp8_param_gather):
-        out.add("precision.fp8_output_layer_param", "needs precision.fp8 with precision.fp8_output_layer and "
-                "precision.fp8_param_gather (an FP8 parameter for a head that runs in FP8)", True)
-    if p.fp8_output_layer and not m.untie_embeddings:
+    if p.fp8 and p.fp8_output_layer and not m.untie_embeddings:
         out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
                 "share the input embedding's weight)", True)
     if p.fp8_attention_amax_history < 1:
@@ -214,13 +205,7 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
             out.add("parallel.cuda_graph_modules", "with precision.fp8_attention, attention must stay out of the "
                     "CUDA graphs (a replayed graph never updates its FP8 scales): use [mlp]",
                     recipe.parallel.cuda_graph_modules)
-    if p.fp8 and p.fp8_bf16_param_remainders and not (
-            p.fp8 == "blockwise" and p.fp8_param_gather and p.precision_aware_optimizer
-            and recipe.parallel.distributed_optimizer):
-        out.add("precision.fp8_bf16_param_remainders", "needs precision.fp8: blockwise with precision.fp8_param_gather,"
-                " precision.precision_aware_optimizer and parallel.distributed_optimizer (where megatron-core keeps FP32"
-                " masters for the BF16 parameters too)", True)
-    if p.fp8_bf16_param_remainders and any(a.startswith("--dist-ckpt-optim-fully-reshardable")
+    if remainders_apply(recipe) and any(a.startswith("--dist-ckpt-optim-fully-reshardable")
                                            for a in recipe.megatron_extra_args):
         out.add("precision.fp8_bf16_param_remainders", "cannot be used with --dist-ckpt-optim-fully-reshardable "
                 "(megatron-core gathers that format in FP32 and cannot load int16 remainders back)", True)
