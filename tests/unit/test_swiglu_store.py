@@ -181,3 +181,25 @@ def test_the_gpu_check_script_runs_and_compares_on_the_cpu(tmp_path) -> None:
     assert result["same_quantized_bytes"] and result["same_output"] and result["same_input_gradient"]
     assert result["blockwise_fp8_compiled"]["kept_bytes"] == 64 * 512 * (1 + 4 / BLOCK)
     assert result["megatron_bf16_store"]["kept_bytes"] == 64 * 512 * 2
+    assert result["codes_differing_share"] == 0 and result["max_code_steps"] == 0
+
+
+def test_the_gpu_check_counts_how_far_two_quantizations_are_apart() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scripts" / "swiglu_store_check.py"
+    spec = importlib.util.spec_from_file_location("swiglu_store_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.randn(4, 256)
+    data, factors = swiglu_store.quantize_tiles(x)
+    codes = data.view(torch.uint8).clone()
+    i = int((codes & 0x7F).argmax())  # a code with room above it within its sign
+    codes.view(-1)[i] -= 1  # one E4M3 step towards zero
+    moved = module.quantization_difference(data, factors, codes.view(torch.float8_e4m3fn), factors * (1 + 2**-23))
+    assert moved["max_code_steps"] == 1 and moved["codes_differing_share"] == round(1 / x.numel(), 8)
+    assert 0 < moved["factor_max_relative_difference"] <= 2**-22
+    codes.view(-1)[i] ^= 0x80  # and a sign flip is never one step
+    assert module.quantization_difference(data, factors, codes.view(torch.float8_e4m3fn), factors)[
+        "max_code_steps"] == 255
