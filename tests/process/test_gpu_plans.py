@@ -45,7 +45,7 @@ def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps)
-    assert {"b7", "b7-dp2", "b15", "b15-tp2", "fid", "fidcpt-1236", "fidcpt-1237", "base", "m-fixed", "m-today",
+    assert {"b7", "b7-dp2", "b15", "b15-tp2", "fid", "fidcpt-1236", "fidcpt-1238", "base", "m-fixed", "m-today",
             "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
     failed = {name for name, code in exits if code != "0"}
     consoles = tmp_path / "w" / "res" / "console"
