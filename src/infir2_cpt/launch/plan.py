@@ -29,8 +29,8 @@ from ..requests import EXP_HELP, EXTRA_HELP, RECIPE_HELP, SET_HELP, argument, op
 from ..retention import RETENTION_ENV
 from ..runtime.torchrun import GRACE_ENV
 from ..runtime.fp8_options import OPTIONS_ENV
-from .megatron_args import (ArgGroup, LoadPlan, unapplied_fp8_options, build_arg_groups, exact_fp8_memory_options,
-                            master_weights, runtime_env)
+from .megatron_args import (ArgGroup, LoadPlan, build_arg_groups, exact_fp8_memory_options, master_weights,
+                            runtime_env, unapplied_fp8_options)
 from .vocabulary import check_data_vocabulary, follow_tokenizer, recipe_tokenizer
 from .preflight import check_cuda_graph_env, check_disk_space, check_files, check_gpu, check_megatron_flags
 

@@ -122,7 +122,7 @@ class PrecisionConfig:
     first_last_layers_bf16: bool = doc("Keep the first and last transformer layers in BF16.", default=False)
     fp8_output_layer: bool = doc(
         "Run the LM head's GEMMs (logits and both gradients) in FP8 with the run's recipe; its weight stays "
-        "BF16 with an FP32 master. Untied embeddings only. Held BF16's loss within 0.1 % from a base model "
+        "BF16 with an FP32 master unless fp8_output_layer_param. Untied embeddings only. Held BF16's loss within 0.1 % from a base model "
         "(docs/fp8.md). No effect in BF16 (noted at launch).", default=False)
     fp8_output_layer_param: bool = doc(
         "With fp8_output_layer and fp8_param_gather: the LM head's weight is an FP8 parameter, as the transformer "
@@ -155,7 +155,7 @@ class PrecisionConfig:
         "less, for one transpose per weight and micro-batch. Applies to blockwise FP8 parameters without CUDA "
         "graphs; elsewhere it has no effect (noted at launch).", default=False)
     fp8_bf16_param_remainders: bool = doc(
-        "The parameters that stay BF16 in an FP8 run (embeddings, LM head, norms, biases) keep their FP32 master as "
+        "The parameters that stay BF16 in an FP8 run (embeddings, norms, biases, a BF16 LM head) keep their master as "
         "a BF16 run does: the BF16 parameter plus a 16-bit remainder in Transformer Engine's fused Adam, instead of "
         "a 4-byte FP32 copy. 2 bytes per such parameter less (divided by the data-parallel size), same masters. "
         "Applies to blockwise FP8 with fp8_param_gather, the precision-aware optimizer and the distributed "
