@@ -117,10 +117,14 @@ EOF
 step_cpt() {  # a few FP8 (blockwise, FP8 params) CPT steps of the tiny recipe from the converted checkpoint
   log "cpt from the converted checkpoint"
   rm -rf "${INFIR2_EXP_ROOT:?}/$CPT_EXP"
+  # DRY=1: the launch validated and printed, not run (what the tests check; the converted folder need not exist)
+  mkdir -p "$EV/meg-untied"
   timed cpt timeout 600 infir2 train --recipe tiny --exp "$CPT_EXP" --rdzv-endpoint localhost:29621 "${SETS[@]}" \
     --set "checkpoint.pretrained=$EV/meg-untied" --set schedule.train_iters=$CPT_ITERS \
     --set schedule.warmup_iters=3 --set schedule.decay_iters=10 --set checkpoint.save_interval=$CPT_ITERS \
-    --set logging.eval_interval=$CPT_ITERS --set logging.eval_iters=1 >"$EV/cpt.out" 2>&1
+    --set checkpoint.keep_every=$CPT_ITERS --set logging.eval_interval=$CPT_ITERS --set logging.eval_iters=1 \
+    ${DRY:+--dry-run} >"$EV/cpt.out" 2>&1 || return
+  [ -n "${DRY:-}" ] && return
   timed cpt-summary python3 - "$INFIR2_EXP_ROOT/$CPT_EXP" "$EV/meg-untied" "$R/cpt.json" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -151,7 +155,7 @@ step_cptmain() {  # optional: the same start with FP32 master weights taken from
   rm -rf "${INFIR2_EXP_ROOT:?}/$CPT_EXP-main"
   timed cptmain timeout 600 infir2 train --recipe tiny --exp "$CPT_EXP-main" --rdzv-endpoint localhost:29622 \
     "${SETS[@]}" --set "checkpoint.pretrained=$EV/meg-untied" --set schedule.train_iters=10 \
-    --set schedule.warmup_iters=3 --set schedule.decay_iters=3 --set checkpoint.save_interval=10 \
+    --set schedule.warmup_iters=3 --set schedule.decay_iters=3 --set checkpoint.save_interval=10 --set checkpoint.keep_every=10 \
     --set logging.eval_interval=10 --set logging.eval_iters=1 -- --no-load-optim --load-main-params-from-ckpt \
     >"$EV/cptmain.out" 2>&1
   python3 - "$INFIR2_EXP_ROOT/$CPT_EXP-main" "$R/cptmain.json" <<'EOF'
@@ -256,3 +260,5 @@ python3 -c "import torch, transformer_engine as te, megatron.core as mc, transfo
 for step in "${steps[@]}"; do "step_$step"; done
 summary | tee -a "$R/steps.txt"
 log "done"
+# the exit status says whether every check of this call and the earlier ones passed
+python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['all_passed'] else 1)" "$R/convert_proof.json"

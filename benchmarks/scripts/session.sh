@@ -89,11 +89,15 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 # fp8-blockwise is the recipe as shipped (since 2026-11-30-h200x2-4: the FP8 head with an FP8 weight at 7B, the
 # SwiGLU input in blockwise FP8, remainders, the exact options); fp8-exact the recipe before its lossy options;
 # the seed's BF16 for the like-for-like ratios; the MLPs through Transformer Engine's operation fuser (fused
-# quantization) with Megatron's overlapped parameter gather off, which stopped it there, in both precisions
-step_A15() { bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
-  --variants "${A15:-bf16,bf16-seedflags,fp8-blockwise,fp8-exact}"; }
-step_A7() { bench b7 "${S7[@]}" "${Q[@]}" \
-  --variants "${A7:-bf16,bf16-seedflags,fp8-blockwise,fp8-exact,fp8-opfuser,bf16-opfuser}"; }
+# quantization) with Megatron's overlapped parameter gather off, which stopped it there, in both precisions.
+# A variant takes about 1.5 minutes here; 3 minutes stop one that hangs (the op fuser's crash did, 2026-11-30-h200x2-4)
+step_A15() { BENCH_TIMEOUT=3 bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
+  --variants "${A15:-bf16,bf16-seedflags,fp8-blockwise,fp8-opfuser}"; }
+step_A7() { BENCH_TIMEOUT=3 bench b7 "${S7[@]}" "${Q[@]}" \
+  --variants "${A7:-bf16,bf16-seedflags,fp8-blockwise,fp8-opfuser,bf16-opfuser}"; }
+step_Amem() {  # what is live at the 7B shape's peak, by phase and call site (memory mode: its times are not used)
+  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16,fp8-blockwise}"
+}
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
     --variants bf16,fp8-blockwise
@@ -119,6 +123,17 @@ step_swiglu_check() {  # one SwiGLU call of the 7B and the 1.5B shape: compiled 
 }
 
 # ---- lane B (GPU 1)
+step_Bconvert() {  # HF -> Megatron -> 30 FP8 CPT iterations with the tiny recipe (which is the 7B recipe's FP8: the
+  # head an FP8 parameter) -> HF: the export loads in transformers, its logits match the trained checkpoint's
+  log "convert proof"
+  if [ -n "${DRY:-}" ]; then
+    EV=$W/cp OUT=$RES/convert bash benchmarks/scripts/convert_proof.sh cpt >"$RES/console/convert.txt" 2>&1
+    log "convert proof: dry $?"; return
+  fi
+  EV=$W/cp OUT=$RES/convert bash benchmarks/scripts/convert_proof.sh models convert cpt export final \
+    >"$RES/console/convert.txt" 2>&1
+  log "convert proof: exit $?"
+}
 step_Bstop() {
   log "stop proof"
   if [ -n "${DRY:-}" ]; then infir2 train --recipe tiny --exp stop-dry --dry-run >/dev/null; log "stop proof: dry $?"; return; fi
@@ -222,8 +237,8 @@ fidelity() {  # NAME VARIANTS [PARALLEL]: 500 steps of the tiny model on the tex
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # Fidelity from the base model (continual pre-training, the steady test: FP8 and BF16 ended 0.06 % apart there),
 # (2026-11-30-h200 and -h200x2-4: the recipe's lossy options within 0.11 % on two seeds; FP8 attention fails in each
-# form): the recipe on a third seed, the recipe before, and the MLPs through the operation fuser
-FIDCPT=${FIDCPT:-bf16,fp8-blockwise,fp8-exact,fp8-opfuser}
+# form; the operation fuser +0.09 %): the recipe as shipped on the seeds it has not run yet
+FIDCPT=${FIDCPT:-bf16,fp8-blockwise}
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
@@ -237,8 +252,9 @@ step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes p
   log "remainders check: exit $?"
 }
 
-lane_A() {  # GPU 0: the store's cost per call, the 7B shape, 1.5B; then DP 2 on both GPUs (TP2=1: TP 2 as well)
-  CUDA_VISIBLE_DEVICES=0 step_swiglu_check
+lane_A() {  # GPU 0: the 7B shape, 1.5B; then DP 2 on both GPUs (TP2=1: TP 2 as well; SWIGLU=1: the store's cost
+  # per call first)
+  if [ -n "${SWIGLU:-}" ]; then CUDA_VISIBLE_DEVICES=0 step_swiglu_check; fi
   CUDA_VISIBLE_DEVICES=0 step_A7
   CUDA_VISIBLE_DEVICES=0 step_A15
   step_ADP2
@@ -253,13 +269,17 @@ lane_B() {  # tiny runs: several share GPU 1 at once. Proven on 2026-11-30 and s
   if [ -n "${STOP:-}" ]; then step_Bstop & stop=$!; fi
   if [ -n "${FIDSCRATCH:-}" ]; then step_Bfid & fid=$!; fi
   if [ -n "${MASTERS:-}" ]; then step_Bremainders & rem=$!; fi
+  # the 7B shape's memory snapshot beside the base model (memory is per process; neither is timed)
+  local mem= conv=
+  step_Amem & mem=$!
   step_Bbase
   touch "$RES/BASE_DONE"
   if [ -n "${RETAIN:-}" ]; then step_Bretain & retain=$!; fi
+  step_Bconvert & conv=$!
   [ -n "${MASTERS:-}" ] && step_Bmasters
-  fidcpt fidcpt-1236 1236
-  # another seed for the recipe
+  fidcpt fidcpt-1237 1237
   FIDCPT=${FIDCPT2:-bf16,fp8-blockwise} fidcpt fidcpt-1238 1238
+  wait $mem $conv
   if [ -n "${CPT:-}" ]; then step_Bcpt; [ -n "${MASTERS:-}" ] && step_Bdump; step_Beval; fi
   wait $stop $retain $fid $rem
   log "lane B done"
@@ -280,21 +300,22 @@ step_run() {  # everything after the staging, as one background job
   log "session done"
 }
 
-# One GPU (nvidia-h200): the same measurements one after the other, none sharing the GPU with another (about 28
-# minutes in all by 2026-11-30-h200's step times): the store's cost per call, the 7B shape, then the base model and
-# the fidelity from it; 1.5B last (its memory with the store is known; its time follows from the store's cost).
+# One GPU (nvidia-h200): the timed benches alone on the GPU: the 7B shape, then the base model, the fidelity from it
+# beside the conversion proof, 1.5B, and the 7B memory snapshot last (about 28 minutes by 2026-11-30-h200's times).
 step_run1() {
   if [ -z "${DRY:-}" ]; then
     for _ in $(seq 1 60); do [ -f "$RES/PREP_DONE" ] && break; sleep 3; done
     step_install
   fi
   export CUDA_VISIBLE_DEVICES=0
-  step_swiglu_check
   step_A7
   step_Bbase
   touch "$RES/BASE_DONE"
-  fidcpt fidcpt-1236 1236
+  step_Bconvert & local conv=$!
+  fidcpt fidcpt-1237 1237
+  wait $conv
   step_A15
+  step_Amem
   touch "$RES/DONE"
   log "session done"
 }

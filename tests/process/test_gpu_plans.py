@@ -45,8 +45,9 @@ def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps)
-    assert {"b7", "b7-dp2", "b15", "b15-tp2", "fid", "fidcpt-1236", "fidcpt-1238", "base", "m-fixed", "m-today",
-            "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
+    assert {"b7", "b7-dp2", "b7-mem", "b15", "b15-tp2", "fid", "fidcpt-1237", "fidcpt-1238", "base", "m-fixed",
+            "m-today", "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
+    assert "convert proof: dry 0" in steps
     failed = {name for name, code in exits if code != "0"}
     consoles = tmp_path / "w" / "res" / "console"
     assert not failed, {name: (consoles / f"{name}.txt").read_text()[-2000:] for name in failed}
@@ -62,5 +63,6 @@ def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = dict(re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps))
-    assert exits == {"b7": "0", "b15": "0", "base": "0", "fidcpt-1236": "0"}, steps
+    assert exits == {"b7": "0", "b15": "0", "b7-mem": "0", "base": "0", "fidcpt-1237": "0"}, steps
+    assert "convert proof: dry 0" in steps
     assert "session done" in steps
