@@ -93,7 +93,7 @@ step_roundtrip() {  # the GPU-written (TE) checkpoints straight back to HF: bit-
   timed roundtrip-compare python3 - "$EV" "$R/roundtrip.json" <<'EOF'
 import json, sys, torch
 from pathlib import Path
-from infir2_cpt.conversion import read_hf_state
+from infir2_cpt.convert.mapping import read_hf_state
 ev, report = Path(sys.argv[1]), Path(sys.argv[2])
 result = {}
 for v in ("untied", "tied"):
@@ -128,7 +128,7 @@ step_cpt() {  # a few FP8 (blockwise, FP8 params) CPT steps of the tiny recipe f
   timed cpt-summary python3 - "$INFIR2_EXP_ROOT/$CPT_EXP" "$EV/meg-untied" "$R/cpt.json" <<'EOF'
 import json, sys
 from pathlib import Path
-from infir2_cpt.runlog import read_logs
+from infir2_cpt.reports.runlog import read_logs
 exp, pretrained, report = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 log = read_logs(exp / "logs")
 text = "\n".join(p.read_text(errors="replace") for p in sorted((exp / "logs").glob("*.log")))
@@ -161,7 +161,7 @@ step_cptmain() {  # optional: the same start with FP32 master weights taken from
   python3 - "$INFIR2_EXP_ROOT/$CPT_EXP-main" "$R/cptmain.json" <<'EOF'
 import json, sys
 from pathlib import Path
-from infir2_cpt.runlog import read_logs
+from infir2_cpt.reports.runlog import read_logs
 exp, report = Path(sys.argv[1]), Path(sys.argv[2])
 log = read_logs(exp / "logs")
 result = {"loaded": log.loaded, "saved": log.saved,
@@ -190,7 +190,7 @@ step_final() {  # transformers loads the export; its logits match Megatron's; it
 import json, sys, torch
 from pathlib import Path
 from transformers import Qwen2ForCausalLM
-from infir2_cpt.conversion import read_hf_state
+from infir2_cpt.convert.mapping import read_hf_state
 ev, report, cpt = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 
 def load(name):
