@@ -36,8 +36,9 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
 
 def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None:
     """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
-    # STOP, RETAIN, MASTERS, CPT, FIDSCRATCH and TP2 add the steps a session skips once they are proven: all are checked
+    # STOP, RETAIN, MASTERS, CPT, FIDSCRATCH, TP2 and MEM add the steps a session skips once they are proven: all are checked
     env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1", "TP2": "1",
+           "MEM": "1",
            "W": str(tmp_path / "w"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,
@@ -45,7 +46,7 @@ def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps)
-    assert {"b7", "b7-dp2", "b7-mem", "b15", "b15-tp2", "fid", "fidcpt-1237", "fidcpt-1238", "base", "m-fixed",
+    assert {"b7", "b7-dp2", "b7-mem", "b15", "b15-tp2", "fid", "fidcpt-1236", "fidcpt-1237", "base", "m-fixed",
             "m-today", "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
     assert "convert proof: dry 0" in steps
     failed = {name for name, code in exits if code != "0"}
@@ -63,6 +64,14 @@ def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = dict(re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps))
-    assert exits == {"b7": "0", "b15": "0", "b7-mem": "0", "base": "0", "fidcpt-1237": "0"}, steps
+    assert exits == {"b7": "0", "b15": "0", "base": "0", "fidcpt-1236": "0"}, steps
     assert "convert proof: dry 0" in steps
     assert "session done" in steps
+
+
+def test_a_poll_on_a_machine_that_runs_no_session_returns_at_once(tmp_path: Path) -> None:
+    """A poll that lands on a fresh machine (the last one given back) must not spend device time waiting."""
+    env = {**os.environ, "W": str(tmp_path / "w"), "OUT": str(tmp_path / "out")}
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "poll", "300"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no session on this machine" in out.stdout
