@@ -367,7 +367,7 @@ step_poll() {  # SECONDS: wait for DONE (at most that long), then pack what ther
 
 while [ $# -gt 0 ]; do
   case $1 in
-    poll) step_poll "${2:-0}"; shift $(( $# > 1 ? 2 : 1 )) ;;
+    poll) step_poll "${2:-0}" || exit 1; shift $(( $# > 1 ? 2 : 1 )) ;;
     *) "step_$1"; shift ;;
   esac
 done
