@@ -36,9 +36,9 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
 
 def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None:
     """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
-    # STOP, RETAIN, MASTERS, CPT, FIDSCRATCH, TP2 and MEM add the steps a session skips once they are proven: all are checked
+    # STOP, RETAIN, MASTERS, CPT, FIDSCRATCH and TP2 add the steps a session skips once they are proven: all are checked
     env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1", "TP2": "1",
-           "MEM": "1",
+
            "W": str(tmp_path / "w"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,
@@ -64,7 +64,7 @@ def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
     exits = dict(re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps))
-    assert exits == {"b7": "0", "b15": "0", "base": "0", "fidcpt-1236": "0"}, steps
+    assert exits == {"b7": "0", "b15": "0", "b7-mem": "0", "base": "0", "fidcpt-1236": "0"}, steps
     assert "convert proof: dry 0" in steps
     assert "session done" in steps
 

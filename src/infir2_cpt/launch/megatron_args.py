@@ -98,8 +98,9 @@ def parallel_args(recipe: Recipe) -> list[str]:
     args += _flag(par.sequence_parallel, "--sequence-parallel")
     args += _flag(par.overlap_grad_reduce, "--overlap-grad-reduce")
     args += _flag(par.overlap_param_gather, "--overlap-param-gather")
-    if par.cross_entropy_fusion:
-        args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", par.cross_entropy_fusion]
+    if par.cross_entropy_fusion:  # lean: Megatron calls its fused loss, which the entry replaces with infir2's
+        impl = "native" if par.cross_entropy_fusion == "lean" else par.cross_entropy_fusion
+        args += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", impl]
     if par.cuda_graph:
         args += ["--cuda-graph-impl", par.cuda_graph]
         if par.cuda_graph_modules:
@@ -300,6 +301,7 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
         fp8_bf16_param_remainders=remainders_apply(recipe),
         fused_qkv_rope=recipe.model.fused_qkv_rope,
         te_op_fuser=recipe.model.te_op_fuser,
+        lean_cross_entropy=recipe.parallel.cross_entropy_fusion == "lean",
         nan_check_per_step=recipe.logging.nan_check == "step",
     )
 

@@ -63,7 +63,10 @@ class ParallelConfig:
     global_batch_size: int = doc("Sequences per optimizer step (all GPUs, all micro-steps).", default=128)
     distributed_timeout_minutes: int = doc("Collective timeout.", default=120)
     cross_entropy_fusion: Optional[str] = doc(
-        "Fused cross-entropy: null (off) or 'native' ('te' is refused by megatron-core 0.19.2).", default=None)
+        "Fused cross-entropy: null (off), 'native' (Megatron's: two FP32 copies of the logits while the loss is "
+        "computed, the FP32 softmax kept for backward) or 'lean' (infir2's: the same arithmetic in chunks, only the "
+        "logits and two numbers per token kept, the gradient rebuilt in backward over the logits). 'te' is refused "
+        "by megatron-core 0.19.2.", default=None)
     cuda_graph: Optional[str] = doc(
         "CUDA graphs: null (off), 'transformer_engine' (one graph per layer and micro-batch) or 'local'. "
         "Removes kernel-launch overhead where the step is host-bound (small models).", default=None)

@@ -116,9 +116,10 @@ def check_parallel(recipe: Recipe, out: Findings) -> None:
         out.add("parallel.cuda_graph_modules", "entries must be attn or mlp", par.cuda_graph_modules)
     elif par.cuda_graph_modules and not par.cuda_graph:
         out.add("parallel.cuda_graph_modules", "has no effect without parallel.cuda_graph", par.cuda_graph_modules)
-    if par.cross_entropy_fusion not in (None, "native"):
+    if par.cross_entropy_fusion not in (None, "native", "lean"):
         out.add("parallel.cross_entropy_fusion",
-                "must be null or 'native' (megatron-core 0.19.2 refuses 'te' as unstable)", par.cross_entropy_fusion)
+                "must be null, 'native' or 'lean' (megatron-core 0.19.2 refuses 'te' as unstable)",
+                par.cross_entropy_fusion)
 
 
 def _divisors(n: int) -> str:

@@ -14,7 +14,7 @@ import sys
 from functools import partial
 from typing import Any, Callable, Iterator
 
-from . import fp8_options, masters, optimizer_remainders, swiglu_store, wgrad_fusion
+from . import fp8_options, lean_cross_entropy, masters, optimizer_remainders, swiglu_store, wgrad_fusion
 from .fp8_options import RuntimeOptions
 from .wheel_workarounds import adjust_megatron_argv, skip_dataset_helper_compilation
 
@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None, before_pretrain: Callable[[], None] | No
     if options.fp8_bf16_param_remainders:  # before Megatron builds its optimizer config
         optimizer_remainders.install_bf16_remainders()
         _say("BF16 parameters: BF16 + 16-bit remainder in Transformer Engine's fused Adam, no FP32 master copy")
+    if options.lean_cross_entropy:  # before the model runs: Megatron's language model calls it by name
+        lean_cross_entropy.install()
+        _say("cross entropy without FP32 copies of the logits (infir2's lean loss in place of Megatron's fused one)")
     if options.nan_check_per_step:
         _say("NaN/Inf: checked once per step on the gradients, not per micro-batch on the loss")
     _install_after_setup(options)

@@ -30,6 +30,8 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
 - te_op_fuser: each MLP built with Transformer Engine's operation fuser (Megatron's TEFusedMLP: te.ops RMSNorm,
   BasicLinear, SwiGLU, BasicLinear over the MLP's own parameters), which can fuse a GEMM input's quantization into
   the kernel that produces it (both precisions).
+- lean_cross_entropy: Megatron's fused cross entropy replaced by infir2's, which keeps no FP32 copy of the logits
+  (lean_cross_entropy.py; both precisions).
 - nan_check_per_step: the loss's NaN/Inf check once per step instead of a device sync per micro-batch.
 
 Config fields are set on Megatron's args before the model config is built from them (the config builder
@@ -59,6 +61,7 @@ class RuntimeOptions:
     fp8_bf16_param_remainders: bool = False
     fused_qkv_rope: bool = False
     te_op_fuser: bool = False
+    lean_cross_entropy: bool = False
     nan_check_per_step: bool = False
 
     @classmethod
