@@ -38,7 +38,6 @@ def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None
     """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
     # STOP, RETAIN, MASTERS, CPT, FIDSCRATCH and TP2 add the steps a session skips once they are proven: all are checked
     env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1", "TP2": "1",
-
            "W": str(tmp_path / "w"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,

@@ -367,4 +367,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from infir2_cpt.runtime.exit_guard import run_bounded
+
+    run_bounded(main)
