@@ -23,6 +23,7 @@ def test_two_ranks_match_megatron_and_the_whole_vocabulary(tmp_path: Path) -> No
     for report in reports:
         assert report["world"] == 2
         assert report["loss_lean_vs_megatron"] < 1e-5 and report["loss_lean_vs_whole"] < 1e-5, report
-        # gradients: one BF16 rounding apart at most (relative to the largest entry)
-        assert report["grad_lean_vs_megatron"] <= report["grad_scale"] * 2 ** -8, report
+        # the same arithmetic as Megatron's: on the CPU the same bits (docs/fp8.md says so)
+        assert report["loss_lean_vs_megatron"] == 0.0 and report["grad_entries_differing"] == 0, report
+        # against FP32 over the whole vocabulary: one BF16 rounding apart at most (relative to the largest entry)
         assert report["grad_lean_vs_whole"] <= report["grad_scale"] * 2 ** -8, report

@@ -111,10 +111,11 @@ class _LeanCrossEntropy(torch.autograd.Function):
         kernel = _kernel(scaled_softmax, x)
         for rows in _row_chunks(x.shape[0], width, ctx.chunk_bytes):
             x[rows] = kernel(x[rows], row_max[rows], row_sum[rows], grad[rows])
-        # the targets' entries: (softmax - 1) * grad, from the logits as they were
-        hits = torch.nonzero(held).squeeze(1)
-        softmax = torch.exp(target_logit[hits].float() - row_max[hits]) / row_sum[hits]
-        x[hits, local_target[hits]] = ((softmax - 1.0) * grad[hits]).to(x.dtype)
+        # the targets' entries: (softmax - 1) * grad, from the logits as they were; rows whose target another rank
+        # holds keep what the kernel wrote (no device-to-host copy to find the rows)
+        column = local_target[:, None]
+        at_target = ((torch.exp(target_logit.float() - row_max) / row_sum - 1.0) * grad).to(x.dtype)
+        x.scatter_(1, column, torch.where(held, at_target, x.gather(1, column).squeeze(1))[:, None])
         return logits, None, None, None
 
 
