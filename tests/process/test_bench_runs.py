@@ -39,7 +39,7 @@ def test_end_to_end_speed(tmp_path):
     """Three variants, each through `infir2 train` -> torchrun -> the stand-in entry; results from its log lines."""
     proc = _bench(tmp_path, "--recipe", "7b", "--layers", "8", "--seq", "8192", "--variants", "bf16,fp8-blockwise",
                   "--variant", "fp8-mbs2:base=fp8-blockwise,parallel.micro_batch_size=2",
-                  "--gpu-name", "NVIDIA H200", "--exp-name", "bench-e2e")
+                  "--gpu-name", "NVIDIA H200", "--exp-name", "bench-e2e", "--also-against", "fp8-blockwise")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     root = tmp_path / "exp" / "bench-e2e"
     data = json.loads((root / "bench.json").read_text())
@@ -69,6 +69,12 @@ def test_end_to_end_speed(tmp_path):
     assert (root / "bench.png").read_bytes()[:4] == b"\x89PNG"
     table = (root / "table.md").read_text()
     assert "| fp8-blockwise | ok | 1686.0 |" in table and "0.848" in table
+    # --also-against: a second baseline's ratios, in bench.json and as columns of their own
+    assert bf16["other_ratios"]["fp8-blockwise"]["step_time"] == pytest.approx(1988 / 1686)
+    head = next(line for line in table.splitlines() if line.startswith("| variant"))
+    bf16_row = next(line for line in table.splitlines() if line.startswith("| bf16 |"))
+    assert head.endswith("| x fp8-blockwise time | x fp8-blockwise alloc |")
+    assert bf16_row.split(" | ")[-2] == "1.179"  # 1988 / 1686
     assert "| fp8-blockwise | ok | 1686.0 |" in proc.stdout
     assert "[fp8-blockwise] iteration 25/25" in proc.stderr  # progress echo
     assert (root / "bf16" / "bench-console.log").is_file() and (root / "bf16" / "launch.sh").is_file()

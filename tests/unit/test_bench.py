@@ -783,3 +783,29 @@ def test_rendezvous_ports_come_from_below_the_ephemeral_range(tmp_path: Path) ->
         assert port != busy and LOWEST_PORT <= port < 32768 and rng.draws >= 2
     range_file.write_text("garbage")
     assert ephemeral_low(range_file) == 32768
+
+
+def test_a_second_baseline_gets_columns_of_its_own() -> None:
+    results = [_result("bf16", None, 2000.0, 67.0, [3.0, 2.9]), _result("bf16-seedflags", None, 2100.0, 61.0, [3.0, 2.9]),
+               _result("fp8-blockwise", "blockwise", 1600.0, 65.0, [3.0, 2.9])]
+    apply_baseline(results, "bf16", fidelity=False, others=["bf16-seedflags"])
+    fp8 = results[2]
+    assert fp8.ratios.step_time == pytest.approx(0.8)
+    assert fp8.other_ratios["bf16-seedflags"].step_time == pytest.approx(1600 / 2100)
+    assert fp8.other_ratios["bf16-seedflags"].max_allocated == pytest.approx(65 / 61)
+    table = format_table(results, "bf16", "H200 SXM", others=["bf16-seedflags"])
+    head, _, *rows = table.splitlines()
+    assert head.endswith("| x bf16-seedflags time | x bf16-seedflags alloc |")
+    assert rows[2].endswith("| 0.800 | 0.970 | 0.971 | 0.762 | 1.066 |")
+
+
+def test_a_second_baseline_must_be_run_and_is_for_speed_only(exp_root) -> None:
+    with pytest.raises(BenchError, match="'bf16-seedflags' is not among the variants run"):
+        plan_bench(BenchRequest(recipe="7b", variants=["bf16", "fp8-blockwise"], also_against=["bf16-seedflags"]))
+    data, tokenizer = exp_root.parent / "text_document", exp_root.parent / "tok"
+    for suffix in (".bin", ".idx"):
+        Path(str(data) + suffix).write_bytes(b"")
+    tokenizer.mkdir()
+    with pytest.raises(BenchError, match="speed mode only"):
+        plan_bench(BenchRequest(recipe="tiny", fidelity=True, data=str(data), tokenizer=str(tokenizer),
+                                variants=["bf16", "fp8-blockwise"], also_against=["fp8-blockwise"]))

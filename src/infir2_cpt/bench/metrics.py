@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..reports.runlog import RunLog
 from .variants import SEED_MARK, seeded_from
@@ -205,6 +205,7 @@ class VariantResult:
     seconds: float
     metrics: VariantMetrics
     ratios: Optional[Ratios] = None
+    other_ratios: dict[str, Optional[Ratios]] = field(default_factory=dict)  # --also-against: name -> ratios
     fidelity: Optional[FidelityGap] = None
     iterations: list[dict[str, Any]] = field(default_factory=list)
     breakdown: Optional[dict[str, Any]] = None  # trace.trace_breakdown
@@ -219,13 +220,15 @@ def baseline_of(name: str, baseline: str) -> str:
     return baseline if seed is None else f"{baseline}{SEED_MARK}{seed}"
 
 
-def apply_baseline(results: list[VariantResult], baseline: str, fidelity: bool) -> None:
-    """Ratios (and, in fidelity mode, the loss gap) of every result against the baseline's, once it ran."""
+def apply_baseline(results: list[VariantResult], baseline: str, fidelity: bool, others: Sequence[str] = ()) -> None:
+    """Ratios (and, in fidelity mode, the loss gap) of every result against the baseline's, once it ran; and
+    against each of `others` (--also-against)."""
     ok = {r.name: r for r in results if r.status == "ok"}
     for r in results:
         base = ok.get(baseline_of(r.name, baseline)) or ok.get(baseline)  # (a variant may be named x.seed1 itself)
         r.ratios = ratios(r.metrics, base.metrics) if base is not None else None
         r.fidelity = fidelity_gap(r.metrics, base.metrics) if base is not None and fidelity else None
+        r.other_ratios = {name: ratios(r.metrics, ok[name].metrics) if name in ok else None for name in others}
 
 
 @dataclass

@@ -58,6 +58,10 @@ class BenchRequest:
         "--variants-file", metavar="YAML", help="More variants: `variants: {NAME: {base, set, args}}` (run when "
         "named in --variants; without --variants, after the defaults).", default=None)
     baseline: str = option("--baseline", help="The variant the ratios are taken against.", default="bf16")
+    also_against: list[str] = option(
+        "--also-against", metavar="VARIANT,...", help="Speed mode: more baselines, each with its own time and memory "
+        "ratio columns (e.g. bf16-seedflags, BF16 with the seed's flags, for like-for-like figures).",
+        default_factory=list, parse=comma_list)
     sets: list[str] = option("--set", "-s", help=SET_HELP, default_factory=list, metavar="KEY=VALUE")
     nproc_per_node: int = option("--nproc-per-node", help="GPUs (processes) per variant.", default=1)
     tensor_parallel: Optional[int] = option(
@@ -359,9 +363,17 @@ def plan_bench(req: BenchRequest, env: Optional[LaunchEnv] = None) -> BenchPlan:
                                  tokens_per_iteration=r.parallel.global_batch_size * r.model.seq_length,
                                  world_size=world, shape=ModelShape.from_recipe(r),
                                  fp8=r.precision.fp8))
-    if req.baseline not in [seeded_from(v.name)[0] for v in variants]:
+    run_names = [seeded_from(v.name)[0] for v in variants]
+    if req.baseline not in run_names:
         warnings.append(Problem("--baseline", f"'{req.baseline}' is not among the variants run: no ratios",
                                 req.baseline))
+    for other in req.also_against:
+        if other not in run_names:
+            problems.append(Problem("--also-against", f"'{other}' is not among the variants run; run it with "
+                                    f"--variants ...,{other}", other))
+    if req.also_against and req.fidelity:
+        problems.append(Problem("--also-against", "speed mode only: a fidelity run compares losses with --baseline",
+                                ",".join(req.also_against)))
     if req.fidelity and "checkpoint.pretrained" not in _user_keys(req.sets):
         warnings.append(Problem("--fidelity", "from random weights, two runs of the same arithmetic drifted 1-2 % "
                                 "apart in 500 steps of the tiny recipe, more than the 0.5 % target: start every "

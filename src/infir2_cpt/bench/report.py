@@ -34,7 +34,8 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str, fidelity: bool = False) -> str:
+def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str, fidelity: bool = False,
+                 others: Sequence[str] = ()) -> str:
     """A Markdown table (paste-able into a results page)."""
     if fidelity:
         head = ["variant", "status", "first loss", "final loss (last)", "final loss (mean)",
@@ -50,6 +51,7 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
         head = ["variant", "status", "step ms", "spread", "fastest ms", "tokens/s/GPU", "TFLOP/s/GPU (Megatron)", "TFLOP/s/GPU (formula)",
                 f"MFU ({gpu_label})", "max alloc GiB", "max reserved GiB", f"x {baseline} time",
                 f"x {baseline} alloc", f"x {baseline} reserved"]
+        head += [f"x {name} {what}" for name in others for what in ("time", "alloc")]
         rows = []
         for r in results:
             m, q = r.metrics, r.ratios or Ratios()
@@ -61,6 +63,9 @@ def format_table(results: Sequence[VariantResult], baseline: str, gpu_label: str
                          _fmt(m.mfu * 100 if m.mfu is not None else None, ".1f", " %"),
                          _fmt(m.max_allocated_gib), _fmt(m.max_reserved_gib),
                          _fmt(q.step_time, ".3f"), _fmt(q.max_allocated, ".3f"), _fmt(q.max_reserved, ".3f")])
+            for name in others:
+                o = r.other_ratios.get(name) or Ratios()
+                rows[-1] += [_fmt(o.step_time, ".3f"), _fmt(o.max_allocated, ".3f")]
     return markdown_table(head, rows)
 
 

@@ -253,7 +253,7 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
         if result.status != "ok":
             for line in result.console_tail[-15:]:
                 echo(f"[{vp.name}]   {line}")
-        apply_baseline(results, req.baseline, plan.mode == "fidelity")
+        apply_baseline(results, req.baseline, plan.mode == "fidelity", req.also_against)
         write_json(plan.root / RESULTS_FILE, results_json(plan, results, gpu_name, peak))
 
     def start(i: int, vp: VariantPlan) -> VariantRun:
@@ -273,7 +273,7 @@ def run_bench(plan: BenchPlan, gpu_name: Optional[str] = None,
                 echo(f"[bench] {vp.name}: infir2 refused the launch (exit 2); not running the remaining variants")
                 break
     gpu_label = peak.label if peak else "unknown GPU"
-    table = format_table(results, req.baseline, gpu_label, fidelity=plan.mode == "fidelity")
+    table = format_table(results, req.baseline, gpu_label, fidelity=plan.mode == "fidelity", others=req.also_against)
     summaries = seed_summaries(results, req.baseline)
     if summaries:
         table += (f"\n\nAcross seeds {', '.join(req.seeds)} (final loss: mean of the last {req.loss_window} iterations "
