@@ -95,13 +95,14 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 # A variant takes about 1.5 minutes here; 3 minutes stop one that hangs (the op fuser's crash did, 2026-11-30-h200x2-4)
 # (2026-11-30-h200x2-5: the op fuser 0.795x at 7B, 0.908x at 1.5B, without the blockwise store's memory); next: the
 # op fuser with its own SwiGLU keeping the FP8 input (fp8-opfuser-store); the lean loss (no FP32 copies of the
-# logits, 11.6 GiB of the 7B peak in both precisions) in both precisions
+# logits, 11.6 GiB of the 7B peak in both precisions) in both precisions; FP8 weights quantized per use (BF16
+# parameters with remainders: the 1-GPU memory step)
 step_A15() { BENCH_TIMEOUT=3 bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
-  --variants "${A15:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}"; }
+  --variants "${A15:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss}"; }
 step_A7() { BENCH_TIMEOUT=3 bench b7 "${S7[@]}" "${Q[@]}" \
-  --variants "${A7:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}"; }
+  --variants "${A7:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-peruse,fp8-peruse-leanloss,fp8-opfuser-store}"; }
 step_Amem() {  # what is live at the 7B shape's peak, by phase and call site (memory mode: its times are not used)
-  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16-leanloss,fp8-leanloss}"
+  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16-leanloss,fp8-leanloss,fp8-peruse-leanloss}"
 }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
@@ -243,8 +244,8 @@ step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # Fidelity from the base model (continual pre-training, the steady test: FP8 and BF16 ended 0.06 % apart there),
 # (2026-11-30-h200 and -h200x2-4: the recipe's lossy options within 0.11 % on two seeds; FP8 attention fails in each
 # form; the operation fuser +0.09 %; the recipe as shipped +0.11 / +0.02 / +0.10 % on seeds 1236-1238): the op fuser
-# with its FP8 SwiGLU store, and the lean loss in both precisions, on two seeds
-FIDCPT=${FIDCPT:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}
+# with its FP8 SwiGLU store, the lean loss in both precisions and the weights quantized per use, on two seeds
+FIDCPT=${FIDCPT:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store,fp8-peruse}
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \
