@@ -231,9 +231,8 @@ def master_weights(recipe: Recipe) -> str:
     if not (p.precision_aware_optimizer and recipe.parallel.distributed_optimizer):
         return "FP32 copies of all parameters"
     fp8_params = p.fp8 is not None and p.fp8_param_gather
-    if p.fp8 is None or (p.fp8 == "delayed" and not fp8_params):
-        return "the BF16 parameters with 16-bit remainders"
-    if remainders_apply(recipe) and not fp8_params:  # weights quantized per use: every parameter is BF16
+    # BF16 parameters throughout: BF16 itself, delayed FP8 (TE's Adam), weights quantized per use with remainders
+    if p.fp8 is None or (not fp8_params and (p.fp8 == "delayed" or remainders_apply(recipe))):
         return "the BF16 parameters with 16-bit remainders"
     if p.fp8 == "delayed" or remainders_apply(recipe):  # delayed: Transformer Engine's Adam keeps the FP32 copies
         return "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"

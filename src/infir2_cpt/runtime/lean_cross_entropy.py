@@ -9,7 +9,7 @@ in-place loss, which avoided this, is refused by that wheel.
 This loss does the same arithmetic with the same precision and keeps only the BF16 logits and two FP32 numbers per
 token (the row maximum and the sum of exponentials):
 
-- forward: in chunks of rows, the row maximum, then the sum of exp(logit - max) and the target's logit, in FP32; one
+- forward: the row maximum, then in chunks of rows the sum of exp(logit - max) and the target's logit, in FP32; one
   all-reduce each across the tensor-parallel ranks that hold parts of the vocabulary (max, then the sums);
   loss = log(sum) - (target logit - max);
 - backward: in chunks of rows, the softmax rebuilt in FP32 from the saved BF16 logits and statistics, minus 1 at
@@ -85,9 +85,7 @@ class _LeanCrossEntropy(torch.autograd.Function):
         local_target = torch.where(held, flat_target - first, torch.zeros_like(flat_target))
         chunks = _row_chunks(x.shape[0], width, chunk_bytes)
 
-        row_max = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        for rows in chunks:
-            row_max[rows] = x[rows].amax(dim=-1).float()
+        row_max = x.amax(dim=-1).float()  # a maximum makes no FP32 copy: no chunks needed
         _all_reduce(row_max, "MAX", tp_group, size)
 
         sums = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)  # sum of exponentials, target logit
