@@ -327,6 +327,14 @@ step_run1() {
   log "session done"
 }
 
+# Data parallel 2 alone (nvidia-h200-x2, PLAN=dp2): install, then the DP 2 bench; no text is needed (mock data)
+step_dp2() {
+  [ -z "${DRY:-}" ] && step_install
+  step_ADP2
+  touch "$RES/DONE"
+  log "session done"
+}
+
 copy_tree() {  # the jobs run from a copy: each device call lays the uploaded tree anew under them
   [ -d "$W/src" ] && return 0
   mkdir -p "$W/src" && tar --exclude=./.gpu-stage --exclude=./.gpu-data -cf - . | tar -xf - -C "$W/src"
