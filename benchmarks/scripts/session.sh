@@ -100,9 +100,9 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 step_A15() { BENCH_TIMEOUT=3 bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
   --variants "${A15:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss}"; }
 step_A7() { BENCH_TIMEOUT=3 bench b7 "${S7[@]}" "${Q[@]}" \
-  --variants "${A7:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-peruse,fp8-peruse-leanloss,fp8-opfuser-store}"; }
+  --variants "${A7:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}"; }
 step_Amem() {  # what is live at the 7B shape's peak, by phase and call site (memory mode: its times are not used)
-  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16-leanloss,fp8-leanloss,fp8-peruse-leanloss}"
+  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16-leanloss,fp8-leanloss}"
 }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
@@ -245,7 +245,7 @@ step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # (2026-11-30-h200 and -h200x2-4: the recipe's lossy options within 0.11 % on two seeds; FP8 attention fails in each
 # form; the operation fuser +0.09 %; the recipe as shipped +0.11 / +0.02 / +0.10 % on seeds 1236-1238): the op fuser
 # with its FP8 SwiGLU store, the lean loss in both precisions and the weights quantized per use, on two seeds
-FIDCPT=${FIDCPT:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store,fp8-peruse}
+FIDCPT=${FIDCPT:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \

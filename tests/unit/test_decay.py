@@ -342,9 +342,6 @@ def test_checkpoints_are_not_resumed_or_decayed_with_master_weights_of_another_f
     (("precision.fp8_bf16_param_remainders=false",), "FP32 copies of all parameters"),  # blockwise FP8 parameters
     (("precision.fp8=null",), "the BF16 parameters with 16-bit remainders"),
     (("precision.fp8_param_gather=false",), "FP32 copies of all parameters"),  # remainders do not apply
-    # weights quantized per use: every parameter BF16, every master BF16 + remainder
-    (("precision.fp8_param_gather=false", "precision.fp8_weights_per_use=true"),
-     "the BF16 parameters with 16-bit remainders"),
     (("precision.fp8=tensorwise",), "FP32 copies of all parameters"),
     (("precision.fp8=delayed", "precision.fp8_param_gather=false"), "the BF16 parameters with 16-bit remainders"),
     (("precision.fp8=delayed",), "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"),

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from infir2_cpt.runtime.fp8_options import (OPTIONS_ENV, RuntimeOptions, install_transpose_on_demand,
-                                            quantize_weights_per_use,
                                             set_config_fields, transpose_on_demand, wrap_in_context)
 
 
@@ -298,20 +297,3 @@ def test_the_fp8_head_can_be_built_in_megatrons_fp8_parameter_context(monkeypatc
     head = Head(8, 16, config=config, bias=False)
     assert head.built_in_fp8_init and head.sizes == (8, 16) and head.bias is False
     assert entered == [(config, True)]
-
-
-def test_weights_per_use_put_every_transformer_engine_module_on_its_fsdp2_weight_path() -> None:
-    """TE decides by its modules' is_fsdp2 property, cached in _is_fsdp2 (TE 2.20's base module)."""
-
-    class EngineModule(torch.nn.Module):  # the shape of TE's TransformerEngineBaseModule.is_fsdp2
-        @property
-        def is_fsdp2(self) -> bool:
-            if not hasattr(self, "_is_fsdp2"):
-                self._is_fsdp2 = False
-            return self._is_fsdp2
-
-    chunk = torch.nn.Sequential(EngineModule(), torch.nn.Linear(2, 2), torch.nn.Sequential(EngineModule()))
-    assert quantize_weights_per_use([chunk], EngineModule) == 2
-    assert [m.is_fsdp2 for m in chunk.modules() if isinstance(m, EngineModule)] == [True, True]
-    with pytest.raises(RuntimeError, match="FSDP2 weight path"):
-        quantize_weights_per_use([chunk], torch.nn.Linear)

@@ -248,11 +248,3 @@ def test_the_lean_loss_is_megatrons_fused_loss_replaced_at_run_time(exp_root, me
 
     with pytest.raises(LaunchError, match="null, 'native' or 'lean'"):
         plan_run(LaunchRequest(recipe="7b", sets=["parallel.cross_entropy_fusion=te"], dry_run=True))
-
-
-def test_weights_quantized_per_use_give_megatron_bf16_parameters_under_blockwise_fp8(exp_root, megatron_parse):
-    plan = plan_run(LaunchRequest(recipe="7b", sets=["precision.fp8_param_gather=false",
-                                                     "precision.fp8_weights_per_use=true"], dry_run=True))
-    args = megatron_parse(plan.megatron_args, _world(plan))
-    assert args.fp8_recipe == "blockwise" and not args.fp8_param_gather and args.use_precision_aware_optimizer
-    assert {"fp8_weights_per_use", "fp8_bf16_param_remainders"} <= set(plan.env["INFIR2_RUNTIME_OPTIONS"].split(","))

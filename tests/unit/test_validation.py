@@ -567,8 +567,7 @@ def test_bf16_param_remainders_apply_to_blockwise_fp8_weights_with_the_precision
         plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true", *sets]), no_gpu_probe())
         assert "fp8_bf16_param_remainders" not in plan.env.get("INFIR2_RUNTIME_OPTIONS", "").split(",")
         note = one(plan.notes, f"{key} has no effect")
-        assert "it applies to blockwise FP8 parameters, or weights quantized per use, with the precision-aware, "\
-            "distributed optimizer" in note, sets
+        assert "it applies to blockwise FP8 parameters with the precision-aware, distributed optimizer" in note, sets
     problem = one(config_problems("tiny", f"{key}=true", "megatron_extra_args=[--dist-ckpt-optim-fully-reshardable]"),
                   key)
     assert "cannot be used with --dist-ckpt-optim-fully-reshardable" in problem
@@ -606,20 +605,3 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
 
 def test_the_stop_grace_period_is_at_least_a_second(exp_root):
     assert "launch.stop_grace_seconds: must be >= 1 (got 0)" in config_problems("tiny", "launch.stop_grace_seconds=0")
-
-
-def test_weights_quantized_per_use_need_blockwise_fp8_with_bf16_parameters_and_bring_the_remainders(exp_root):
-    key = "precision.fp8_weights_per_use"
-    assert "needs precision.fp8_param_gather: false" in one(config_problems("tiny", f"{key}=true"), key)
-    assert "applies to blockwise FP8" in one(config_problems("tiny", f"{key}=true", "precision.fp8=tensorwise",
-                                                             "precision.fp8_param_gather=false"), key)
-    plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true", "precision.fp8_param_gather=false",
-                                                                      "precision.fp8_output_layer_param=false"]),
-                    no_gpu_probe())
-    options = set(plan.env["INFIR2_RUNTIME_OPTIONS"].split(","))
-    assert {"fp8_weights_per_use", "fp8_bf16_param_remainders"} <= options and "fp8_transpose_on_demand" not in options
-    assert "weights are quantized per use instead" in one(plan.notes, "fp8_transpose_on_demand has no effect")
-    bf16 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[f"{key}=true", "precision.fp8=null"]),
-                    no_gpu_probe())
-    assert "fp8_weights_per_use" not in bf16.env.get("INFIR2_RUNTIME_OPTIONS", "")
-    assert "precision.fp8_weights_per_use" in one(bf16.notes, "this run is BF16 throughout")

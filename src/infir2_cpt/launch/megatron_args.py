@@ -14,7 +14,7 @@ from ..layout import ExperimentPaths
 from ..retention import RETENTION_ENV, RetentionPolicy
 from ..recipe.schedule import WSDSchedule
 from ..runtime.fp8_options import ATTENTION_AMAX_HISTORY_ENV, OPTIONS_ENV, RuntimeOptions
-from ..recipe.schema import BlendEntry, Recipe, head_param_applies, per_use_applies, remainders_apply
+from ..recipe.schema import BlendEntry, Recipe, head_param_applies, remainders_apply
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,7 @@ def master_weights(recipe: Recipe) -> str:
     if not (p.precision_aware_optimizer and recipe.parallel.distributed_optimizer):
         return "FP32 copies of all parameters"
     fp8_params = p.fp8 is not None and p.fp8_param_gather
-    # BF16 parameters throughout: BF16 itself, delayed FP8 (TE's Adam), weights quantized per use with remainders
-    if p.fp8 is None or (not fp8_params and (p.fp8 == "delayed" or remainders_apply(recipe))):
+    if p.fp8 is None or (p.fp8 == "delayed" and not fp8_params):
         return "the BF16 parameters with 16-bit remainders"
     if p.fp8 == "delayed" or remainders_apply(recipe):  # delayed: Transformer Engine's Adam keeps the FP32 copies
         return "FP32 copies of the FP8 weights, the BF16 parameters with 16-bit remainders"
@@ -255,14 +254,13 @@ def exact_fp8_memory_options(recipe: Recipe) -> tuple[bool, bool, list[str]]:
                "without FP8 parameters (precision.fp8_param_gather is false)" if not p.fp8_param_gather else
                "with CUDA graphs (a captured graph keeps the memory it saw; the transposed copies come and go in "
                "backward)")
-        keep = ("" if p.fp8 is None else ": weights are quantized per use instead (precision.fp8_weights_per_use)"
-                if per_use_applies(recipe) else ": the FP8 weights keep their transposed copies")
+        keep = "" if p.fp8 is None else ": the FP8 weights keep their transposed copies"
         notes.append(f"precision.fp8_transpose_on_demand has no effect {why}{keep}")
     return proj, tod, notes
 
 
 FP8_ONLY_OPTIONS = ("fp8_output_layer", "fp8_output_layer_param", "fp8_attention", "fp8_activation_store",
-                    "fp8_activation_store_blockwise", "fp8_weights_per_use", "fp8_bf16_param_remainders")
+                    "fp8_activation_store_blockwise", "fp8_bf16_param_remainders")
 
 
 def unapplied_fp8_options(recipe: Recipe) -> list[str]:
@@ -283,9 +281,8 @@ def unapplied_fp8_options(recipe: Recipe) -> list[str]:
         notes.append(f"precision.fp8_bf16_param_remainders has no effect with precision.fp8={p.fp8}, "
                      f"fp8_param_gather={str(p.fp8_param_gather).lower()}, precision_aware_optimizer="
                      f"{str(p.precision_aware_optimizer).lower()}, parallel.distributed_optimizer="
-                     f"{str(recipe.parallel.distributed_optimizer).lower()} (it applies to blockwise FP8 parameters, or "
-                     f"weights quantized per use, with the precision-aware, distributed optimizer): the masters are "
-                     f"{master_weights(recipe)}")
+                     f"{str(recipe.parallel.distributed_optimizer).lower()} (it applies to blockwise FP8 parameters "
+                     f"with the precision-aware, distributed optimizer): the masters are {master_weights(recipe)}")
     return notes
 
 
@@ -302,7 +299,6 @@ def runtime_options(recipe: Recipe) -> RuntimeOptions:
         fp8_proj_original_input=proj,
         fp8_transpose_on_demand=tod,
         fp8_bf16_param_remainders=remainders_apply(recipe),
-        fp8_weights_per_use=per_use_applies(recipe),
         fused_qkv_rope=recipe.model.fused_qkv_rope,
         te_op_fuser=recipe.model.te_op_fuser,
         lean_cross_entropy=recipe.parallel.cross_entropy_fusion == "lean",

@@ -158,13 +158,6 @@ class PrecisionConfig:
         "needs (an exact FP8 transpose) and frees it once the weight's gradient is done. 1 byte per FP8 weight "
         "less, for one transpose per weight and micro-batch. Applies to blockwise FP8 parameters without CUDA "
         "graphs; elsewhere it has no effect (noted at launch).", default=False)
-    fp8_weights_per_use: bool = doc(
-        "Blockwise FP8 with BF16 parameters (precision.fp8_param_gather: false) keeping no FP8 copy of a weight "
-        "between its uses: Transformer Engine quantizes each weight for its forward GEMM and again in backward (its "
-        "FSDP2 path), instead of caching it across micro-batches and keeping the forward's copy until backward. With "
-        "precision.fp8_bf16_param_remainders every master is then a BF16 parameter plus a 16-bit remainder, as in "
-        "BF16 training: the parameters cost what BF16's do. Costs two weight quantizations per micro-batch, and "
-        "data parallelism gathers BF16 weights (twice FP8's bytes).", default=False)
     fp8_bf16_param_remainders: bool = doc(
         "The parameters that stay BF16 in an FP8 run (embeddings, norms, biases, a BF16 LM head) keep their master as "
         "a BF16 run does: the BF16 parameter plus a 16-bit remainder in Transformer Engine's fused Adam, instead of "
@@ -269,17 +262,10 @@ class Recipe:
 
 def remainders_apply(recipe: Recipe) -> bool:
     """precision.fp8_bf16_param_remainders where megatron-core would keep FP32 masters for the BF16 parameters:
-    blockwise FP8 with the precision-aware, distributed optimizer, with FP8 parameters or with weights quantized
-    per use (then every parameter is BF16)."""
+    blockwise FP8 parameters with the precision-aware, distributed optimizer."""
     p = recipe.precision
-    return bool(p.fp8_bf16_param_remainders and p.fp8 == "blockwise" and (p.fp8_param_gather or per_use_applies(recipe))
+    return bool(p.fp8_bf16_param_remainders and p.fp8 == "blockwise" and p.fp8_param_gather
                 and p.precision_aware_optimizer and recipe.parallel.distributed_optimizer)
-
-
-def per_use_applies(recipe: Recipe) -> bool:
-    """precision.fp8_weights_per_use where it can act: blockwise FP8 with BF16 parameters."""
-    p = recipe.precision
-    return bool(p.fp8_weights_per_use and p.fp8 == "blockwise" and not p.fp8_param_gather)
 
 
 def head_param_applies(recipe: Recipe) -> bool:

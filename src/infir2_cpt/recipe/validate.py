@@ -163,13 +163,6 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     # With precision.fp8 null the run is BF16 throughout: the FP8 recipe's options do nothing there, and the FP8
     # weights' options (head parameter, remainders) only where FP8 parameters are (both said at launch), so that
     # `--set precision.fp8=null` turns an FP8 recipe into its BF16 baseline. The rest is checked with FP8 only.
-    if p.fp8 and p.fp8_weights_per_use:
-        if p.fp8 != "blockwise":
-            out.add("precision.fp8_weights_per_use", f"applies to blockwise FP8 (precision.fp8: blockwise), not "
-                    f"{p.fp8}", True)
-        if p.fp8_param_gather:
-            out.add("precision.fp8_weights_per_use", "needs precision.fp8_param_gather: false (FP8 parameters are "
-                    "FP8 weights kept between uses)", True)
     if p.fp8 and p.fp8_activation_store_blockwise:
         if p.fp8_activation_store:
             out.add("precision.fp8_activation_store_blockwise", "choose one way to keep the SwiGLU input in FP8: this "

@@ -213,9 +213,6 @@ def _install_after_setup(options: RuntimeOptions) -> None:
         if options.fp8_transpose_on_demand:
             count = fp8_options.transpose_on_demand(model)
             _say(f"FP8 weights keep no transposed copy outside their backward: {count}")
-        if options.fp8_weights_per_use:
-            count = fp8_options.quantize_weights_per_use(model)
-            _say(f"BF16 weights quantized to FP8 for each use, no FP8 copy kept between uses: {count} modules")
         for note in fp8_options.describe_model(model, options):
             _say(note)
         if options.fp8_bf16_param_remainders:

@@ -26,9 +26,6 @@ the model, each switched on by the recipe (the launcher lists them in INFIR2_RUN
 - fp8_bf16_param_remainders: the parameters that stay BF16 (embeddings, LM head, norms, biases) keep their
   FP32 master as BF16 + a 16-bit remainder in Transformer Engine's fused Adam, not as a 4-byte FP32 copy in
   Megatron's distributed optimizer (optimizer_remainders.py).
-- fp8_weights_per_use: BF16 weights quantized for each use and not kept in FP8 between uses: every Transformer
-  Engine module is put on Transformer Engine's FSDP2 weight path (no weight workspace cached across micro-batches,
-  the forward's FP8 weight not saved for backward, backward quantizing the BF16 weight again).
 - fused_qkv_rope: RoPE applied to the fused QKV output in one kernel (both precisions).
 - te_op_fuser: each MLP built with Transformer Engine's operation fuser (Megatron's TEFusedMLP: te.ops RMSNorm,
   BasicLinear, SwiGLU, BasicLinear over the MLP's own parameters), which can fuse a GEMM input's quantization into
@@ -62,7 +59,6 @@ class RuntimeOptions:
     fp8_proj_original_input: bool = False
     fp8_transpose_on_demand: bool = False
     fp8_bf16_param_remainders: bool = False
-    fp8_weights_per_use: bool = False
     fused_qkv_rope: bool = False
     te_op_fuser: bool = False
     lean_cross_entropy: bool = False
@@ -318,23 +314,6 @@ def transpose_on_demand(model: list[Any]) -> int:
 
 def _drop_after_backward(param: Any) -> None:
     drop_transpose(param)
-
-
-def quantize_weights_per_use(model: list[Any], base_class: Any = None) -> int:
-    """Put every Transformer Engine module of the model on TE's FSDP2 weight path (see fp8_weights_per_use): TE
-    decides it by the module's `is_fsdp2` property, which it caches in `_is_fsdp2`. Returns the number of modules."""
-    if base_class is None:
-        from transformer_engine.pytorch.module.base import TransformerEngineBaseModule as base_class
-    if not isinstance(getattr(base_class, "is_fsdp2", None), property):
-        raise RuntimeError("precision.fp8_weights_per_use needs Transformer Engine's FSDP2 weight path (the "
-                           "is_fsdp2 property of its modules), which this Transformer Engine does not have")
-    count = 0
-    for chunk in model:
-        for module in chunk.modules():
-            if isinstance(module, base_class):
-                module._is_fsdp2 = True
-                count += 1
-    return count
 
 
 def describe_model(model: list[Any], options: RuntimeOptions) -> list[str]:
