@@ -93,16 +93,15 @@ Q15=(--steps 8 --warmup-steps 5)  # CUDA graphs are captured after Megatron's 3 
 # the seed's BF16 for the like-for-like ratios; the MLPs through Transformer Engine's operation fuser (fused
 # quantization) with Megatron's overlapped parameter gather off, which stopped it there, in both precisions.
 # A variant takes about 1.5 minutes here; 3 minutes stop one that hangs (the op fuser's crash did, 2026-11-30-h200x2-4)
-# (2026-11-30-h200x2-5: the op fuser 0.795x at 7B, 0.908x at 1.5B, without the blockwise store's memory); next: the
-# op fuser with its own SwiGLU keeping the FP8 input (fp8-opfuser-store); the lean loss (no FP32 copies of the
-# logits, 11.6 GiB of the 7B peak in both precisions) in both precisions; FP8 weights quantized per use (BF16
-# parameters with remainders: the 1-GPU memory step)
+# (2026-11-30-h200x2-5: the op fuser 0.795x at 7B, 0.908x at 1.5B, without the blockwise store's memory;
+# 2026-11-30-h200x2-6: the lean loss, now the recipes', 0.800x / 1.021x of BF16 with it at 7B, 0.975x at DP 2);
+# next: the recipes as shipped against BF16 with the same loss, and against both with Megatron's fused loss
 step_A15() { BENCH_TIMEOUT=3 bench b15 --recipe 1.5b --seq 8192 --micro-batch 2 "${Q15[@]}" \
-  --variants "${A15:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss}"; }
+  --variants "${A15:-bf16,fp8-blockwise,bf16-seedflags}"; }
 step_A7() { BENCH_TIMEOUT=3 bench b7 "${S7[@]}" "${Q[@]}" \
-  --variants "${A7:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}"; }
+  --variants "${A7:-bf16,fp8-blockwise,bf16-seedflags,bf16-nativeloss,fp8-nativeloss}"; }
 step_Amem() {  # what is live at the 7B shape's peak, by phase and call site (memory mode: its times are not used)
-  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16-leanloss,fp8-leanloss}"
+  bench b7-mem "${S7[@]}" --steps 2 --warmup-steps 2 --memory-snapshot --variants "${AMEM:-bf16,fp8-blockwise}"
 }
 step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both GPUs: the shipped FP8 options under TP
   CUDA_VISIBLE_DEVICES=0,1 bench b15-tp2 --recipe 1.5b --seq 8192 --steps 6 --warmup-steps 3 --nproc-per-node 2 \
@@ -110,7 +109,7 @@ step_ATP2() {  # the 1.5B recipe's own layout (TP 2, sequence parallel) on both 
 }
 step_ADP2() {  # data parallel 2 (TP 1) on both GPUs: memory clean, GPU 1 shared with what lane B still runs
   CUDA_VISIBLE_DEVICES=0,1 bench b7-dp2 "${S7[@]}" --steps 4 --warmup-steps 3 --nproc-per-node 2 --tensor-parallel 1 \
-    --variants "${ADP2:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss}"
+    --variants "${ADP2:-bf16,fp8-blockwise}"
 }
 
 step_swiglu_check() {  # one SwiGLU call of the 7B and the 1.5B shape: compiled against eager, each against Megatron's
@@ -243,9 +242,9 @@ fidelity() {  # NAME VARIANTS [PARALLEL]: 500 steps of the tiny model on the tex
 step_Bfid() { fidelity fid bf16,fp8-blockwise,fp8-exact,fp8-exact-rem; }
 # Fidelity from the base model (continual pre-training, the steady test: FP8 and BF16 ended 0.06 % apart there),
 # (2026-11-30-h200 and -h200x2-4: the recipe's lossy options within 0.11 % on two seeds; FP8 attention fails in each
-# form; the operation fuser +0.09 %; the recipe as shipped +0.11 / +0.02 / +0.10 % on seeds 1236-1238): the op fuser
-# with its FP8 SwiGLU store, the lean loss in both precisions and the weights quantized per use, on two seeds
-FIDCPT=${FIDCPT:-bf16,bf16-leanloss,fp8-blockwise,fp8-leanloss,fp8-opfuser-store}
+# form; the operation fuser +0.09 %; the recipe as shipped +0.11 / +0.02 / +0.10 % on seeds 1236-1238; with the lean
+# loss +0.15 / +0.22 % on 1236-1237, h200x2-6): the recipe as shipped, on two seeds
+FIDCPT=${FIDCPT:-bf16,fp8-blockwise,bf16-nativeloss,fp8-nativeloss}
 fidcpt() {  # NAME SEED
   BENCH_TIMEOUT=15 bench "$1" --fidelity --recipe tiny --data "$DATA/train_text_document" --tokenizer "$TOK" \
     --steps 500 --seed "$2" --parallel 8 --variants "$FIDCPT" "${PRETRAINED[@]}" --set schedule.lr=5e-4 \

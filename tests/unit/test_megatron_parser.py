@@ -238,11 +238,12 @@ def test_async_save_uses_megatrons_own_writer(exp_root, megatron_parse):
 def test_the_lean_loss_is_megatrons_fused_loss_replaced_at_run_time(exp_root, megatron_parse):
     """parallel.cross_entropy_fusion: lean asks Megatron for its fused loss (which the entry replaces) and tells the
     entry so; Megatron's parser accepts the list. 'te' is refused before launch, with the valid values."""
-    plan = plan_run(LaunchRequest(recipe="7b", sets=["parallel.cross_entropy_fusion=lean"], dry_run=True))
+    plan = plan_run(LaunchRequest(recipe="7b", dry_run=True))  # the shipped recipes' loss
     args = megatron_parse(plan.megatron_args, _world(plan))
     assert args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "native"
     assert "lean_cross_entropy" in plan.env["INFIR2_RUNTIME_OPTIONS"].split(",")
-    native = plan_run(LaunchRequest(recipe="7b", dry_run=True))
+    native = plan_run(LaunchRequest(recipe="7b", sets=["parallel.cross_entropy_fusion=native"], dry_run=True))
+    assert megatron_parse(native.megatron_args, _world(native)).cross_entropy_fusion_impl == "native"
     assert "lean_cross_entropy" not in native.env.get("INFIR2_RUNTIME_OPTIONS", "").split(",")
     from infir2_cpt.errors import LaunchError
 

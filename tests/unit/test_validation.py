@@ -444,7 +444,7 @@ def test_fp8_options_do_nothing_in_bf16_and_say_so(exp_root):
     on = ["precision.fp8_output_layer=true", "precision.fp8_output_layer_param=true", "precision.fp8_attention=true",
           "precision.fp8_activation_store_blockwise=true", "precision.fp8_bf16_param_remainders=true"]
     plan = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null", *on]), no_gpu_probe())
-    assert "INFIR2_RUNTIME_OPTIONS" not in plan.env
+    assert plan.env["INFIR2_RUNTIME_OPTIONS"] == "lean_cross_entropy"  # the recipe's loss, in either precision
     note = one(plan.notes, "precision.fp8_output_layer")
     assert "no effect without FP8" in note and all(s.split("=")[0] in note for s in on)
     fp8 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=on[:2] + on[3:]), no_gpu_probe())
@@ -478,7 +478,7 @@ def test_the_blockwise_swiglu_store_needs_tiles_of_128_on_each_gpu(exp_root):
     assert "= 5696, to be a multiple of 128" in problem
 
 
-def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_store(exp_root):
+def test_the_op_fuser_runs_in_both_precisions_but_not_with_either_swiglu_store(exp_root):
     fuser = ["model.te_op_fuser=true", "parallel.overlap_param_gather=false",
              "precision.fp8_activation_store_blockwise=false"]
     for sets in (fuser, [*fuser, "precision.fp8=null"]):
@@ -487,6 +487,11 @@ def test_the_op_fuser_runs_in_both_precisions_but_not_with_the_blockwise_swiglu_
     problem = one(config_problems("tiny", *fuser, "precision.fp8_activation_store_blockwise=true"),
                   "model.te_op_fuser:")
     assert "precision.fp8_activation_store_blockwise" in problem
+    problem = one(config_problems("tiny", *fuser, "precision.fp8_activation_store=true"), "model.te_op_fuser:")
+    assert "cannot take precision.fp8_activation_store" in problem
+    bf16 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=[*fuser, "precision.fp8_activation_store=true",
+                                                                      "precision.fp8=null"]), no_gpu_probe())
+    assert "te_op_fuser" in bf16.env["INFIR2_RUNTIME_OPTIONS"].split(",")  # the store is FP8's: nothing to refuse
     problem = one(config_problems("tiny", "model.te_op_fuser=true", "precision.fp8_activation_store_blockwise=false"),
                   "model.te_op_fuser:")
     assert "parallel.overlap_param_gather=false" in problem
@@ -589,7 +594,7 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
     # the recipe's exact memory options: the projection's input applies, transposes on demand not (CUDA graphs)
     assert plan.env["INFIR2_RUNTIME_OPTIONS"] == \
         "fp8_output_layer,fp8_output_layer_param,fp8_attention,fp8_activation_store_blockwise," \
-        "fp8_proj_original_input,fp8_bf16_param_remainders,fused_qkv_rope,nan_check_per_step"
+        "fp8_proj_original_input,fp8_bf16_param_remainders,fused_qkv_rope,lean_cross_entropy,nan_check_per_step"
     assert plan.env["NCCL_GRAPH_REGISTER"] == "0"  # what Megatron asks for beside expandable segments
     user = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["parallel.cuda_graph=transformer_engine"]),
                     LaunchEnv.read({**os.environ, "INFIR2_GPU_CHECK": "0", "NCCL_GRAPH_REGISTER": "0"}))
@@ -598,9 +603,13 @@ def test_runtime_options_reach_the_workers_environment(exp_root):
     plain = plan_run(LaunchRequest(recipe="tiny", dry_run=True), no_gpu_probe())
     assert plain.env["INFIR2_RUNTIME_OPTIONS"] == \
         "fp8_output_layer,fp8_output_layer_param,fp8_activation_store_blockwise,fp8_proj_original_input," \
-        "fp8_transpose_on_demand,fp8_bf16_param_remainders"  # the recipes' FP8 options
+        "fp8_transpose_on_demand,fp8_bf16_param_remainders,lean_cross_entropy"  # the recipes' FP8 options and loss
     bf16 = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null"]), no_gpu_probe())
-    assert "INFIR2_RUNTIME_OPTIONS" not in bf16.env
+    assert bf16.env["INFIR2_RUNTIME_OPTIONS"] == "lean_cross_entropy"
+    native = plan_run(LaunchRequest(recipe="tiny", dry_run=True, sets=["precision.fp8=null",
+                                                                       "parallel.cross_entropy_fusion=native"]),
+                      no_gpu_probe())
+    assert "INFIR2_RUNTIME_OPTIONS" not in native.env
 
 
 def test_the_stop_grace_period_is_at_least_a_second(exp_root):

@@ -44,9 +44,9 @@ class ModelConfig:
     te_op_fuser: bool = doc(
         "Build each MLP with Transformer Engine's operation fuser (norm, FC1, SwiGLU, FC2 as one fusible sequence, "
         "so that Transformer Engine may fuse the quantization of a GEMM input into the kernel before it), over the "
-        "same parameters. Both precisions; not with precision.fp8_activation_store_blockwise, and with "
-        "parallel.overlap_param_gather: false. Its SwiGLU keeps a BF16 input for backward unless "
-        "precision.fp8_activation_store (one scale per tensor); docs/fp8.md has its cost and gain.",
+        "same parameters. Both precisions; not with precision.fp8_activation_store or "
+        "precision.fp8_activation_store_blockwise, and with parallel.overlap_param_gather: false. Its SwiGLU keeps "
+        "a BF16 input for backward; docs/fp8.md has its cost and gain.",
         default=False)
 
 

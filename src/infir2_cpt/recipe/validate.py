@@ -185,6 +185,10 @@ def check_precision(recipe: Recipe, out: Findings) -> None:
     if m.te_op_fuser and p.fp8 and p.fp8_activation_store_blockwise:
         out.add("model.te_op_fuser", "builds the MLP from Transformer Engine's operations, which do not call the "
                 "SwiGLU that precision.fp8_activation_store_blockwise replaces: turn one of them off", True)
+    if m.te_op_fuser and p.fp8 and p.fp8_activation_store:
+        out.add("model.te_op_fuser", "cannot take precision.fp8_activation_store: that option hands Megatron Transformer "
+                "Engine's SwiGLU module, which the fuser's MLP refuses at the first forward (SwiGLU is not one of its "
+                "operations); turn one of them off", True)
     if p.fp8 and p.fp8_output_layer and not m.untie_embeddings:
         out.add("precision.fp8_output_layer", "needs model.untie_embeddings: true (Megatron's FP8 LM head cannot "
                 "share the input embedding's weight)", True)
