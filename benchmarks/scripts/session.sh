@@ -258,13 +258,14 @@ step_Bremainders() {  # the BF16 parameters' remainders: same masters, 2 bytes p
   log "remainders check: exit $?"
 }
 
-lane_A() {  # GPU 0: the 7B shape, 1.5B; then DP 2 on both GPUs (TP2=1: TP 2 as well; SWIGLU=1: the store's cost
+lane_A() {  # GPU 0: the 7B shape, 1.5B; then DP 2 and TP 2 on both GPUs (NOTP2=1 skips TP 2, the lean loss's
+  # check across tensor-parallel ranks on GPUs; SWIGLU=1: the store's cost
   # per call first)
   if [ -n "${SWIGLU:-}" ]; then CUDA_VISIBLE_DEVICES=0 step_swiglu_check; fi
   CUDA_VISIBLE_DEVICES=0 step_A7
   CUDA_VISIBLE_DEVICES=0 step_A15
   step_ADP2
-  if [ -n "${TP2:-}" ]; then step_ATP2; fi
+  if [ -z "${NOTP2:-}" ]; then step_ATP2; fi
   log "lane A done"
 }
 lane_B() {  # tiny runs: several share GPU 1 at once. Proven on 2026-11-30 and skipped unless asked: the stop proof

@@ -36,8 +36,8 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
 
 def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None:
     """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
-    # STOP, RETAIN, MASTERS, CPT, FIDSCRATCH and TP2 add the steps a session skips once they are proven: all are checked
-    env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1", "TP2": "1",
+    # STOP, RETAIN, MASTERS, CPT and FIDSCRATCH add the steps a session skips once they are proven: all are checked
+    env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1",
            "W": str(tmp_path / "w"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,
@@ -66,6 +66,18 @@ def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
     assert exits == {"b7": "0", "b15": "0", "b7-mem": "0", "base": "0", "fidcpt-1236": "0"}, steps
     assert "convert proof: dry 0" in steps
     assert "session done" in steps
+
+
+def test_the_data_parallel_plan_validates(tmp_path: Path) -> None:
+    """session.sh dp2 (nvidia-h200-x2, DP 2 alone): its one bench, dry."""
+    env = {**os.environ, "DRY": "1", "W": str(tmp_path / "w"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "dp2"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
+    assert dict(re.findall(r"bench (\S+): exit (\d+)", steps)) == {"b7-dp2": "0"}, steps
+    assert "session done" in steps and (tmp_path / "w" / "res" / "DONE").exists()
 
 
 def test_a_poll_on_a_machine_that_runs_no_session_returns_at_once(tmp_path: Path) -> None:
