@@ -34,16 +34,20 @@ def test_every_bench_step_of_the_gpu_plan_validates(tmp_path: Path) -> None:
     assert (tmp_path / "ev" / "out" / "results.tgz").is_file()
 
 
+def _dry_session(tmp_path: Path, plan: str, **flags: str) -> str:
+    """Run one plan of session.sh with DRY=1 (every infir2 command with --dry-run) and return its steps log."""
+    env = {**os.environ, **flags, "DRY": "1", "W": str(tmp_path / "w"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), plan], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return (tmp_path / "w" / "res" / "steps.txt").read_text()
+
+
 def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None:
     """benchmarks/scripts/session.sh (the one-daemon GPU session): every infir2 command it would run, dry."""
     # STOP, RETAIN, MASTERS, CPT and FIDSCRATCH add the steps a session skips once they are proven: all are checked
-    env = {**os.environ, "DRY": "1", "STOP": "1", "RETAIN": "1", "MASTERS": "1", "CPT": "1", "FIDSCRATCH": "1",
-           "W": str(tmp_path / "w"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
+    steps = _dry_session(tmp_path, "run", STOP="1", RETAIN="1", MASTERS="1", CPT="1", FIDSCRATCH="1")
     exits = re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps)
     assert {"b7", "b7-dp2", "b7-mem", "b15", "b15-tp2", "fid", "fidcpt-1236", "fidcpt-1237", "base", "m-fixed",
             "m-today", "cpt-fp8", "cpt-bf16"} <= {n for n, _ in exits}
@@ -56,12 +60,7 @@ def test_every_command_of_the_gpu_session_plan_validates(tmp_path: Path) -> None
 
 def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
     """session.sh run1 (nvidia-h200): every infir2 command of the one-GPU plan, dry."""
-    env = {**os.environ, "DRY": "1", "W": str(tmp_path / "w"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "run1"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
+    steps = _dry_session(tmp_path, "run1")
     exits = dict(re.findall(r"(?:bench|train) (\S+): exit (\d+)", steps))
     assert exits == {"b7": "0", "b15": "0", "b7-mem": "0", "base": "0", "fidcpt-1236": "0"}, steps
     assert "convert proof: dry 0" in steps
@@ -70,12 +69,7 @@ def test_the_one_gpu_session_plan_validates(tmp_path: Path) -> None:
 
 def test_the_data_parallel_plan_validates(tmp_path: Path) -> None:
     """session.sh dp2 (nvidia-h200-x2, DP 2 alone): its one bench, dry."""
-    env = {**os.environ, "DRY": "1", "W": str(tmp_path / "w"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "scripts" / "session.sh"), "dp2"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    steps = (tmp_path / "w" / "res" / "steps.txt").read_text()
+    steps = _dry_session(tmp_path, "dp2")
     assert dict(re.findall(r"bench (\S+): exit (\d+)", steps)) == {"b7-dp2": "0"}, steps
     assert "session done" in steps and (tmp_path / "w" / "res" / "DONE").exists()
 
